@@ -1,0 +1,1 @@
+"""checkpoint sub-package of megatron.early_exit."""

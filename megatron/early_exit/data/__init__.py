@@ -1,0 +1,1 @@
+"""data sub-package of megatron.early_exit."""

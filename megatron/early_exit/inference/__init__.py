@@ -1,0 +1,1 @@
+"""inference sub-package of megatron.early_exit."""

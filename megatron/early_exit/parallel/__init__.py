@@ -1,0 +1,1 @@
+"""parallel sub-package of megatron.early_exit."""

@@ -1,0 +1,1 @@
+"""server sub-package of megatron.early_exit."""

@@ -1,0 +1,1 @@
+"""trainer sub-package of megatron.early_exit."""
