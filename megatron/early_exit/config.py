@@ -1,0 +1,246 @@
+"""Dataclass configs for early-exit GPT models, exits and parallelism.
+
+Every field mirrors a Megatron / EE-LLM command-line flag (named in the error messages), and
+every config validates itself in ``__post_init__`` so a bad value fails at start with a message
+naming the flag. ``arguments.py`` is the only place that turns argparse flags into these.
+
+    >>> cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=256)
+    >>> ExitConfig(exit_layer_nums=[1, 2]).validate_against(cfg)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ARCHITECTURES = ("llama", "gpt2")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the command-line flag."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone shape and architecture options (Llama- or GPT-2-style)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    ffn_hidden_size: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    # 'llama' = RMSNorm, SwiGLU, RoPE, no biases, untied output; 'gpt2' = LayerNorm, GELU,
+    # learned positions, biases, tied output. Individual fields below override the preset.
+    architecture: str = "llama"
+    normalization: Optional[str] = None  # --normalization {LayerNorm,RMSNorm}
+    swiglu: Optional[bool] = None  # --swiglu
+    position_embedding_type: Optional[str] = None  # --position-embedding-type
+    add_bias_linear: Optional[bool] = None  # --disable-bias-linear turns it off
+    untie_embeddings_and_output_weights: Optional[bool] = None
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+    def __post_init__(self):
+        _require(self.architecture in ARCHITECTURES,
+                 f"--architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        llama = self.architecture == "llama"
+        if self.normalization is None:
+            self.normalization = "RMSNorm" if llama else "LayerNorm"
+        if self.swiglu is None:
+            self.swiglu = llama
+        if self.position_embedding_type is None:
+            self.position_embedding_type = "rope" if llama else "learned_absolute"
+        if self.add_bias_linear is None:
+            self.add_bias_linear = not llama
+        if self.untie_embeddings_and_output_weights is None:
+            self.untie_embeddings_and_output_weights = llama
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        self._validate()
+
+    def _validate(self) -> None:
+        for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
+                            ("--num-attention-heads", self.num_attention_heads),
+                            ("--ffn-hidden-size", self.ffn_hidden_size),
+                            ("--num-query-groups", self.num_query_groups),
+                            ("--seq-length", self.seq_length), ("vocab size", self.vocab_size)):
+            _require(isinstance(value, int) and value > 0, f"{flag} must be a positive integer, got {value!r}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads "
+                 f"({self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"--num-attention-heads ({self.num_attention_heads}) must be divisible by "
+                 f"--num-query-groups ({self.num_query_groups})")
+        _require(self.normalization in ("LayerNorm", "RMSNorm"),
+                 f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
+        _require(self.position_embedding_type in ("rope", "learned_absolute"),
+                 "--position-embedding-type must be rope or learned_absolute, got "
+                 f"{self.position_embedding_type!r}")
+        _require(self.max_position_embeddings >= self.seq_length,
+                 f"--max-position-embeddings ({self.max_position_embeddings}) must be >= "
+                 f"--seq-length ({self.seq_length})")
+        if self.position_embedding_type == "rope":
+            _require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
+        _require(self.init_method_std > 0, "--init-method-std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ExitConfig:
+    """Where the exits are, what each exit head is made of, and how exit losses are weighted."""
+
+    exit_layer_nums: List[int] = field(default_factory=list)  # --exit-layer-nums (1-based)
+    pre_exit: bool = False  # --pre-exit: read layer k's input instead of its output
+    use_exit_norm: bool = False  # --use-exit-norm
+    use_exit_mlp: bool = False  # --use-exit-mlp
+    use_exit_block: bool = False  # --use-exit-block
+    untie_exit_output_weights: bool = False  # --untie-exit-output-weights
+    exit_layer_temperature: List[float] = field(default_factory=list)  # one or one per exit
+    exit_layer_weight: List[float] = field(default_factory=list)  # target weight per exit
+    exit_layer_weight_init: List[float] = field(default_factory=list)  # start weight per exit
+    exit_layer_weight_warmup_iters: int = 0
+    exit_layer_weight_warmup_style: str = "linear"  # {linear, cosine}
+    use_dynamic_exit_layer_weight: bool = False
+    final_layer_weight: float = 1.0  # weight of the final head's LM loss
+
+    def __post_init__(self):
+        self.exit_layer_nums = [int(x) for x in self.exit_layer_nums]
+        n = len(self.exit_layer_nums)
+        _require(len(set(self.exit_layer_nums)) == n,
+                 f"--exit-layer-nums has a repeated layer: {self.exit_layer_nums}")
+        _require(self.exit_layer_nums == sorted(self.exit_layer_nums),
+                 f"--exit-layer-nums must be increasing, got {self.exit_layer_nums}")
+        self.exit_layer_weight = self._per_exit("--exit-layer-weight", self.exit_layer_weight, 1.0)
+        self.exit_layer_weight_init = self._per_exit(
+            "--exit-layer-weight-init", self.exit_layer_weight_init, None) or list(self.exit_layer_weight)
+        self.exit_layer_temperature = self._per_exit(
+            "--exit-layer-temperature", self.exit_layer_temperature, 1.0)
+        _require(all(t > 0 for t in self.exit_layer_temperature),
+                 f"--exit-layer-temperature must be positive, got {self.exit_layer_temperature}")
+        _require(all(w >= 0 for w in self.exit_layer_weight + self.exit_layer_weight_init),
+                 "--exit-layer-weight and --exit-layer-weight-init must be >= 0")
+        _require(self.exit_layer_weight_warmup_iters >= 0,
+                 "--exit-layer-weight-warmup-iters must be >= 0")
+        _require(self.exit_layer_weight_warmup_style in ("linear", "cosine"),
+                 "--exit-layer-weight-warmup-style must be linear or cosine, got "
+                 f"{self.exit_layer_weight_warmup_style!r}")
+        _require(self.final_layer_weight >= 0, "--final-layer-weight must be >= 0")
+
+    def _per_exit(self, flag: str, values: List[float], default: Optional[float]) -> List[float]:
+        n = len(self.exit_layer_nums)
+        values = [float(v) for v in values]
+        if not values:
+            return [] if default is None else [default] * n
+        if len(values) == 1 and n > 1:
+            return values * n
+        _require(len(values) == n,
+                 f"{flag} has {len(values)} values but --exit-layer-nums names {n} exits "
+                 f"({self.exit_layer_nums}); give one value or one per exit")
+        return values
+
+    def validate_against(self, model: ModelConfig) -> None:
+        for layer in self.exit_layer_nums:
+            _require(1 <= layer <= model.num_layers,
+                     f"--exit-layer-nums: layer {layer} is outside [1, --num-layers={model.num_layers}]")
+
+    def weights_at(self, iteration: int) -> List[float]:
+        """Exit-loss weights w_i(t) at training iteration ``iteration`` (0-based)."""
+        warmup = self.exit_layer_weight_warmup_iters
+        progress = 1.0 if warmup == 0 else min(max(iteration, 0) / warmup, 1.0)
+        if self.exit_layer_weight_warmup_style == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+        return [w0 + (w1 - w0) * progress
+                for w0, w1 in zip(self.exit_layer_weight_init, self.exit_layer_weight)]
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor / sequence / pipeline / data parallel degrees (data parallel is derived)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    world_size: int = 1
+
+    def __post_init__(self):
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(tp >= 1, f"--tensor-model-parallel-size must be >= 1, got {tp}")
+        _require(pp >= 1, f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+        _require(self.world_size % (tp * pp) == 0,
+                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
+                 f"({tp}) x --pipeline-model-parallel-size ({pp})")
+        _require(not (self.sequence_parallel and tp == 1),
+                 "--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def validate_against(self, model: ModelConfig) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(model.num_attention_heads % tp == 0,
+                 f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
+                 f"--tensor-model-parallel-size ({tp})")
+        _require(model.num_query_groups % tp == 0,
+                 f"--num-query-groups ({model.num_query_groups}) must be divisible by "
+                 f"--tensor-model-parallel-size ({tp})")
+        _require(model.ffn_hidden_size % tp == 0,
+                 f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by "
+                 f"--tensor-model-parallel-size ({tp})")
+        _require(model.vocab_size % tp == 0,
+                 f"vocab size {model.vocab_size} must be divisible by --tensor-model-parallel-size "
+                 f"({tp}); pad it with --make-vocab-size-divisible-by")
+        _require(model.num_layers % pp == 0,
+                 f"--num-layers ({model.num_layers}) must be divisible by "
+                 f"--pipeline-model-parallel-size ({pp})")
+        vpp = self.num_layers_per_virtual_pipeline_stage
+        if vpp is not None:
+            _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
+                             "--pipeline-model-parallel-size > 1")
+            _require(vpp >= 1 and (model.num_layers // pp) % vpp == 0,
+                     f"--num-layers-per-virtual-pipeline-stage ({vpp}) must divide the layers per "
+                     f"pipeline stage ({model.num_layers // pp})")
+
+    def virtual_chunks(self, model: ModelConfig) -> int:
+        vpp = self.num_layers_per_virtual_pipeline_stage
+        if vpp is None:
+            return 1
+        return model.num_layers // self.pipeline_model_parallel_size // vpp
+
+
+@dataclass
+class EarlyExitGPTConfig:
+    """Everything needed to build the model on one rank: backbone, exits, parallel layout."""
+
+    model: ModelConfig
+    exits: ExitConfig = field(default_factory=ExitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute_granularity: Optional[str] = None  # --recompute-granularity {full,selective}
+    params_dtype: str = "float32"  # float32 | float64 | bfloat16 (--bf16)
+    seed: int = 1234  # --seed
+
+    def __post_init__(self):
+        self.exits.validate_against(self.model)
+        self.parallel.validate_against(self.model)
+        _require(self.recompute_granularity in (None, "full", "selective"),
+                 f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        _require(self.params_dtype in ("float32", "float64", "bfloat16"),
+                 f"params dtype must be float32, float64 or bfloat16 (--bf16), got {self.params_dtype!r}")

@@ -1,0 +1,205 @@
+"""EarlyExitGPTModel: a megatron-core GPT (one pipeline stage / virtual chunk) with exit heads.
+
+The backbone is megatron-core's ``LanguageModelEmbedding`` + ``TransformerBlock`` (built from
+our spec, model/layers.py) + ``ColumnParallelLinear`` output layer. We run the block's layers
+ourselves so that exits can read any layer's output (or input, ``--pre-exit``), full activation
+recompute never swallows an exit's gradient (exits sit between checkpointed layers), and
+inference can start and stop at any layer.
+
+One instance is one pipeline stage (or one virtual-pipeline chunk). Its ``forward`` returns a
+``StageOutput``: the hidden states for the next stage, and the weighted sum of the losses of
+the heads this stage holds (exits here; the final head on the last stage), with every head's
+unweighted loss for logging. Tied output weights: the first stage owns the word embedding;
+any other stage that needs it (final head tied, or tied exits) holds a copy,
+``word_embeddings_copy``, kept equal by the gradient all-reduce in parallel/grads.py.
+
+    model = EarlyExitGPTModel(cfg, pp_rank=0)
+    out = model(input_ids=tokens, labels=labels, loss_mask=mask, exit_weights=[0.5, 1.0])
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.utils.checkpoint
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+from megatron.early_exit.config import EarlyExitGPTConfig
+from megatron.early_exit.model import losses
+from megatron.early_exit.model.exit_head import ExitHead
+from megatron.early_exit.model.layers import Norm, layer_spec, rotary_freqs, transformer_config
+from megatron.early_exit.model.placement import StagePlacement, stage_placement
+
+
+@dataclass
+class StageOutput:
+    """What one stage's forward produces."""
+
+    hidden: Optional[torch.Tensor] = None  # [s, b, h] for the next stage (None on the last)
+    loss: Optional[torch.Tensor] = None  # weighted sum of this stage's head losses (scalar)
+    exit_losses: Dict[int, torch.Tensor] = field(default_factory=dict)  # exit layer -> detached loss
+    final_loss: Optional[torch.Tensor] = None  # detached LM loss of the final head (last stage)
+    exit_logits: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [s, b, V/tp]
+    final_logits: Optional[torch.Tensor] = None  # [s, b, V/tp]
+
+
+class EarlyExitGPTModel(MegatronModule):
+    """One pipeline stage (or virtual chunk) of an early-exit GPT."""
+
+    def __init__(self, cfg: EarlyExitGPTConfig, pp_rank: int = 0, vp_stage: Optional[int] = None):
+        self.cfg = cfg
+        config = transformer_config(cfg)
+        super().__init__(config=config)
+        m = cfg.model
+        self.placement: StagePlacement = stage_placement(cfg, pp_rank, vp_stage or 0)
+        self.pre_process = self.placement.pre_process
+        self.post_process = self.placement.post_process
+        self.vocab_size = m.vocab_size
+        self.embedding = None
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, m.vocab_size, m.max_position_embeddings,
+                position_embedding_type=m.position_embedding_type)
+        spec = TransformerBlockSubmodules(
+            layer_specs=[layer_spec(cfg)] * len(self.placement.layers),
+            layer_norm=ModuleSpec(module=Norm))
+        self.decoder = TransformerBlock(config, spec, post_layer_norm=True,
+                                        pre_process=self.pre_process,
+                                        post_process=self.post_process, vp_stage=vp_stage)
+        got = [layer.layer_number for layer in self.decoder.layers]
+        assert got == list(self.placement.layers), f"layer layout {got} != {self.placement.layers}"
+        self.exits = torch.nn.ModuleDict({
+            str(layer): ExitHead(config, cfg.exits, layer, m.vocab_size, cfg)
+            for layer in self.placement.exit_layers})
+        self.word_embeddings_copy = None
+        if self.placement.holds_tied_weight and not self.pre_process:
+            local_vocab = m.vocab_size // cfg.parallel.tensor_model_parallel_size
+            self.word_embeddings_copy = torch.nn.Parameter(
+                torch.empty(local_vocab, m.hidden_size, dtype=config.params_dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.word_embeddings_copy, True, 0, 1)
+        self.output_layer = None
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                m.hidden_size, m.vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False,
+                skip_weight_param_allocation=not m.untie_embeddings_and_output_weights)
+        self._exit_index = {layer: i for i, layer in enumerate(cfg.exits.exit_layer_nums)}
+
+    # ----------------------------------------------------------------------------- pieces
+    def tied_weight(self) -> Optional[torch.Tensor]:
+        """This stage's copy of the word embedding ([V/tp, h]) if it holds one."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.word_embeddings_copy
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [b, s] -> hidden [s, b, h] (sequence-split under SP)."""
+        emb = self.embedding
+        if emb.reduce_scatter_embeddings:  # SP without learned positions: [s/tp, b, h]
+            return emb.word_embeddings(input_ids)
+        h = emb.word_embeddings(input_ids)  # [b, s, h]
+        if emb.add_position_embedding:
+            h = h + emb.position_embeddings(position_ids)
+        h = h.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.config.sequence_parallel:
+            h = tensor_parallel.scatter_to_sequence_parallel_region(h)
+        return h
+
+    def rotary(self, positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """RoPE angles for positions [s] (or None for learned positions)."""
+        m = self.cfg.model
+        if m.position_embedding_type != "rope":
+            return None
+        return rotary_freqs(positions, m.head_dim, m.rotary_base)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, rotary) -> torch.Tensor:
+        """Apply local layer ``index`` ([s, b, h] -> [s, b, h]), recomputed if configured."""
+        layer = self.decoder.layers[index]
+
+        def fn(h):
+            out, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary)
+            return out
+
+        if self.cfg.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, hidden, use_reentrant=False)
+        return fn(hidden)
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor, rotary) -> torch.Tensor:
+        return self.exits[str(layer)](hidden, rotary, self.tied_weight())
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.decoder.final_layernorm(hidden)
+        weight = None if self.cfg.model.untie_embeddings_and_output_weights else self.tied_weight()
+        logits, _ = self.output_layer(h, weight=weight)
+        return logits
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                hidden_states: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None,
+                exit_weights: Optional[List[float]] = None,
+                return_logits: bool = False) -> StageOutput:
+        """Run this stage.
+
+        input_ids [b, s] on the first stage, else hidden_states [s, b, h] from the previous one.
+        With labels [b, s], computes the losses of the heads here; ``exit_weights`` are the
+        current w_i(t), one per exit of the whole model (default: the config's targets).
+        """
+        if self.pre_process:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            hidden = self.embed(input_ids, position_ids)
+        else:
+            hidden = hidden_states
+        sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        positions = torch.arange(hidden.shape[0] * sp, device=hidden.device)  # [s]
+        rotary = self.rotary(positions)
+        out = StageOutput()
+        terms: List[torch.Tensor] = []
+        weights = exit_weights if exit_weights is not None else self.cfg.exits.exit_layer_weight
+
+        ex = self.cfg.exits
+
+        def exit_head(layer: int, hidden: torch.Tensor):
+            k = self._exit_index[layer]
+            logits = self.exit_logits(layer, hidden, rotary)
+            if return_logits:
+                out.exit_logits[layer] = logits
+            if labels is not None:
+                loss = losses.exit_loss(logits, labels, loss_mask, ex.exit_layer_temperature[k],
+                                        ex.use_dynamic_exit_layer_weight)
+                out.exit_losses[layer] = loss.detach()
+                terms.append(weights[k] * loss)
+
+        for i, layer in enumerate(self.placement.layers):
+            if ex.pre_exit and str(layer) in self.exits:
+                exit_head(layer, hidden)
+            hidden = self.run_layer(i, hidden, rotary)
+            if not ex.pre_exit and str(layer) in self.exits:
+                exit_head(layer, hidden)
+        if not self.post_process:
+            out.hidden = hidden
+            return self._sum_terms(out, terms)
+        logits = self.final_logits(hidden)
+        if return_logits:
+            out.final_logits = logits
+        if labels is not None:
+            loss = losses.exit_loss(logits, labels, loss_mask, 1.0, False)
+            out.final_loss = loss.detach()
+            terms.append(ex.final_layer_weight * loss)
+        return self._sum_terms(out, terms)
+
+    @staticmethod
+    def _sum_terms(out: StageOutput, terms: List[torch.Tensor]) -> StageOutput:
+        if terms:
+            out.loss = torch.stack(terms).sum()
+        return out
