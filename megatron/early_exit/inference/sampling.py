@@ -228,7 +228,8 @@ def sample(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [b, V], got shape {tuple(logits.shape)}")
-    if _rows(params, logits.device).all_greedy:
+    all_greedy = params.greedy if isinstance(params, SamplingParams) else params.all_greedy
+    if all_greedy:
         return logits.argmax(dim=-1)
     probs = processed_probs(logits, params)  # [b, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -38,6 +38,19 @@ from megatron.early_exit.model.layers import Norm, layer_spec, rotary_freqs, tra
 from megatron.early_exit.model.placement import StagePlacement, stage_placement
 
 
+def mark_tensor_parallel_params(module: torch.nn.Module) -> None:
+    """Tag TP-split weights with megatron's attributes (``tensor_model_parallel``,
+    ``partition_dim``): megatron only sets them when it initialises the weights itself, and we
+    initialise them (model/init.py)."""
+    dims = ((tensor_parallel.VocabParallelEmbedding, 0), (tensor_parallel.ColumnParallelLinear, 0),
+            (tensor_parallel.RowParallelLinear, 1))
+    for sub in module.modules():
+        for cls, dim in dims:
+            weight = getattr(sub, "weight", None)
+            if isinstance(sub, cls) and weight is not None and not hasattr(weight, "partition_dim"):
+                tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 @dataclass
 class StageOutput:
     """What one stage's forward produces."""
@@ -91,6 +104,7 @@ class EarlyExitGPTModel(MegatronModule):
                 bias=False, gather_output=False,
                 skip_weight_param_allocation=not m.untie_embeddings_and_output_weights)
         self._exit_index = {layer: i for i, layer in enumerate(cfg.exits.exit_layer_nums)}
+        mark_tensor_parallel_params(self)
 
     # ----------------------------------------------------------------------------- pieces
     def tied_weight(self) -> Optional[torch.Tensor]:

@@ -22,6 +22,7 @@ from megatron.core import parallel_state as ps
 
 from megatron.early_exit.config import EarlyExitGPTConfig
 from megatron.early_exit.model.placement import tied_weight_stages
+from megatron.early_exit.parallel.cpu_compat import apply_cpu_patches
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ParallelContext:
 
 def initialize_parallel(cfg: EarlyExitGPTConfig, device: torch.device) -> ParallelContext:
     """Create TP/PP/DP groups for ``cfg`` on the already initialised default process group."""
+    if device.type == "cpu":
+        apply_cpu_patches()
     p = cfg.parallel
     chunks = p.virtual_chunks(cfg.model)
     stages = tied_weight_stages(cfg)

@@ -1,1 +1,1 @@
-"""trainer sub-package of megatron.early_exit."""
+"""Training: optimizer, training step (single process, data parallel, pipelined), loop."""

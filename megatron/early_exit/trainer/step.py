@@ -1,0 +1,96 @@
+"""One training step: forward/backward over micro-batches, gradient finalisation, clip, update.
+
+``forward_backward`` dispatches on the pipeline size: no pipelining (gradient accumulation over
+micro-batches) here, 1F1B / interleaved through parallel/schedule_executor.py when PP > 1. Each
+micro-batch's objective is divided by the number of micro-batches, and parallel/grads.py averages
+over data-parallel ranks, so a step equals one step on the combined global batch.
+
+    result = train_step(chunks, optimizer, microbatches, ctx, cfg, iteration=0, clip_grad=1.0)
+    result.lm_loss, result.exit_losses, result.grad_norm
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.parallel.grads import clip_grad_norm, finalize_grads
+
+
+@dataclass
+class StepResult:
+    lm_loss: float  # final head's LM loss, mean over micro-batches and DP ranks
+    exit_losses: Dict[int, float]  # exit layer -> loss
+    exit_weights: List[float]  # w_i(t) used this step
+    grad_norm: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def autocast_context(ctx, bf16: bool):
+    if bf16 and ctx.device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16=False, ctx=None):
+    """Gradient accumulation over micro-batches on a single stage. Returns summed head losses."""
+    (model,) = chunks
+    sums: Dict[str, torch.Tensor] = {}
+    m = len(microbatches)
+    for mb in microbatches:
+        with autocast_context(ctx, bf16):
+            out = model(input_ids=mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"],
+                        exit_weights=exit_weights)
+        (out.loss / m).backward()
+        accumulate_head_losses(sums, out)
+    return sums
+
+
+def accumulate_head_losses(sums: Dict[str, torch.Tensor], out) -> None:
+    if out.final_loss is not None:
+        sums["final"] = sums.get("final", 0) + out.final_loss.double()
+    for layer, loss in out.exit_losses.items():
+        sums[layer] = sums.get(layer, 0) + loss.double()
+
+
+def reduce_head_losses(sums, cfg, ctx, num_microbatches: int):
+    """Mean head losses over micro-batches and DP ranks, gathered from every pipeline stage."""
+    keys = ["final"] + list(cfg.exits.exit_layer_nums)
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=ctx.device)
+    for i, key in enumerate(keys):
+        if key in sums:
+            vec[i] = sums[key]
+    if ctx.pp_size > 1:
+        dist.all_reduce(vec, group=ctx.pp_group)
+    if ctx.dp_size > 1:
+        dist.all_reduce(vec, group=ctx.dp_group)
+    vec /= num_microbatches * ctx.dp_size
+    values = vec.tolist()
+    return values[0], dict(zip(keys[1:], values[1:]))
+
+
+def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16=False, **schedule_kwargs):
+    if ctx.pp_size == 1:
+        return forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16, ctx)
+    from megatron.early_exit.parallel.schedule_executor import forward_backward_pipelining
+
+    return forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf16=bf16,
+                                       **schedule_kwargs)
+
+
+def train_step(chunks, optimizer, microbatches, ctx, cfg, iteration: int, clip_grad: float = 1.0,
+               bf16: bool = False, **schedule_kwargs) -> StepResult:
+    for model in chunks:
+        model.train()
+        model.zero_grad(set_to_none=True)
+    weights = cfg.exits.weights_at(iteration)
+    sums = forward_backward(chunks, microbatches, cfg, ctx, weights, bf16=bf16, **schedule_kwargs)
+    finalize_grads(chunks, ctx)
+    norm = clip_grad_norm(chunks, ctx, clip_grad)
+    optimizer.step()
+    lm_loss, exit_losses = reduce_head_losses(sums, cfg, ctx, len(microbatches))
+    return StepResult(lm_loss=lm_loss, exit_losses=exit_losses, exit_weights=weights, grad_norm=norm)
