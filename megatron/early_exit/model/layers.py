@@ -96,15 +96,16 @@ class SDPAttention(MegatronModule):
 
 
 def rotary_freqs(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
-    """RoPE angles for ``positions`` ([s] int) as megatron-core expects them: ``[s, 1, 1, hn]``.
+    """RoPE angles as megatron-core expects them: positions ``[s]`` -> ``[s, 1, 1, hn]``, or
+    per-row positions ``[s, b]`` -> ``[s, b, 1, hn]`` (broadcast over heads).
 
     Uses the non-interleaved (rotate-half) convention, the same as HF Llama.
     """
     device = positions.device
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [s, hn/2]
-    emb = torch.cat([angles, angles], dim=-1).float()  # [s, hn]
-    return emb[:, None, None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # [s, (b,) hn/2]
+    emb = torch.cat([angles, angles], dim=-1).float()  # [s, (b,) hn]
+    return emb[:, None, None, :] if positions.dim() == 1 else emb[:, :, None, :]
 
 
 def layer_spec(config: EarlyExitGPTConfig) -> ModuleSpec:
