@@ -244,3 +244,49 @@ class EarlyExitGPTConfig:
                  f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         _require(self.params_dtype in ("float32", "float64", "bfloat16"),
                  f"params dtype must be float32, float64 or bfloat16 (--bf16), got {self.params_dtype!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batch and loop settings (Megatron flag names)."""
+
+    micro_batch_size: int = 4  # --micro-batch-size
+    global_batch_size: int = 16  # --global-batch-size
+    train_iters: int = 100  # --train-iters
+    lr: float = 3e-4  # --lr
+    min_lr: float = 0.0  # --min-lr
+    lr_decay_style: str = "cosine"  # --lr-decay-style {constant,linear,cosine}
+    lr_warmup_iters: int = 0  # --lr-warmup-iters
+    lr_decay_iters: Optional[int] = None  # --lr-decay-iters (default: --train-iters)
+    weight_decay: float = 0.01  # --weight-decay
+    adam_beta1: float = 0.9  # --adam-beta1
+    adam_beta2: float = 0.95  # --adam-beta2
+    adam_eps: float = 1e-8  # --adam-eps
+    clip_grad: float = 1.0  # --clip-grad (0 disables)
+    bf16: bool = False  # --bf16 (autocast on CUDA; fp32 master weights)
+    log_interval: int = 10  # --log-interval
+    eval_interval: int = 0  # --eval-interval (0: never)
+    eval_iters: int = 10  # --eval-iters
+
+    def __post_init__(self):
+        for flag, value in (("--micro-batch-size", self.micro_batch_size),
+                            ("--global-batch-size", self.global_batch_size),
+                            ("--train-iters", self.train_iters), ("--log-interval", self.log_interval)):
+            _require(value > 0, f"{flag} must be positive, got {value}")
+        _require(self.lr > 0 and 0 <= self.min_lr <= self.lr,
+                 f"--lr must be positive and --min-lr in [0, --lr]; got {self.lr}, {self.min_lr}")
+        _require(self.lr_decay_style in ("constant", "linear", "cosine"),
+                 f"--lr-decay-style must be constant, linear or cosine, got {self.lr_decay_style!r}")
+        _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+        _require(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        _require(self.eval_interval >= 0 and self.eval_iters >= 0,
+                 "--eval-interval and --eval-iters must be >= 0")
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.train_iters
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        _require(self.global_batch_size % per_step == 0,
+                 f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
+                 f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
+        return self.global_batch_size // per_step
