@@ -290,3 +290,52 @@ class TrainConfig:
                  f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
                  f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({data_parallel_size})")
         return self.global_batch_size // per_step
+
+
+@dataclass
+class ScheduleConfig:
+    """Pipeline schedule options: bubble filling and exit tuning."""
+
+    fill_explicit_bubbles: bool = False  # --fill-explicit-bubbles
+    num_fill_warmup_microbatches: Optional[int] = None  # --num-fill-warmup-microbatches (None: max)
+    num_fill_cooldown_microbatches: Optional[int] = None  # --num-fill-cooldown-microbatches
+    backward_forward_ratio: float = 2.0  # --backward-forward-ratio
+    tune_exit: bool = False  # --tune-exit
+    tune_exit_pipeline_parallel_size: Optional[int] = None  # --tune-exit-pipeline-parallel-size
+
+    def __post_init__(self):
+        _require(self.backward_forward_ratio > 0, "--backward-forward-ratio must be positive")
+        for flag, value in (("--num-fill-warmup-microbatches", self.num_fill_warmup_microbatches),
+                            ("--num-fill-cooldown-microbatches", self.num_fill_cooldown_microbatches)):
+            _require(value is None or value >= 0, f"{flag} must be >= 0, got {value}")
+        _require(not (self.fill_explicit_bubbles and self.tune_exit),
+                 "--fill-explicit-bubbles and --tune-exit cannot be combined")
+
+
+@dataclass
+class RunConfig:
+    """Data, tokenizer, checkpoint and logging settings of a training run."""
+
+    data_path: List[str] = field(default_factory=list)  # --data-path [W1] P1 [W2] P2 ...
+    split: str = "969,30,1"  # --split
+    tokenizer_type: str = "ByteTokenizer"  # --tokenizer-type
+    tokenizer_model: Optional[str] = None  # --tokenizer-model
+    vocab_file: Optional[str] = None  # --vocab-file
+    merge_file: Optional[str] = None  # --merge-file
+    make_vocab_size_divisible_by: int = 128  # --make-vocab-size-divisible-by
+    save: Optional[str] = None  # --save
+    load: Optional[str] = None  # --load
+    load_iteration: Optional[int] = None  # --load-iteration
+    save_interval: int = 0  # --save-interval
+    use_checkpoint_args: bool = False  # --use-checkpoint-args
+    tensorboard_dir: Optional[str] = None  # --tensorboard-dir
+    log_json: Optional[str] = None  # --log-json
+    data_cache_path: Optional[str] = None  # --data-cache-path
+
+    def __post_init__(self):
+        _require(self.save_interval >= 0, "--save-interval must be >= 0")
+        _require(not (self.save_interval and not self.save), "--save-interval needs --save")
+        _require(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive")
+        parts = self.split.replace("/", ",").split(",")
+        _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+                 f"--split must be three comma-separated weights like 969,30,1; got {self.split!r}")
