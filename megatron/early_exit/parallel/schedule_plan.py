@@ -27,7 +27,10 @@ Communication: blocking rendezvous plus explicit batches
   (megatron's send_forward_recv_backward / send_backward_recv_forward pairs). ``verify_plans``
   treats a send as complete only when the peer has posted the matching receive (no buffering),
   and matches messages per (source, destination) pair in posting order (NCCL semantics), so a
-  plan it accepts is safe on NCCL and gloo.
+  plan it accepts is safe on NCCL and gloo. A fused batch never holds two actions of the same
+  kind, so it maps onto one ``PipelineP2P.exchange`` call (SEND_FORWARD -> send_next,
+  RECV_FORWARD -> recv_prev, SEND_BACKWARD -> send_prev, RECV_BACKWARD -> recv_next; for
+  the interleaved plan the neighbours are ring neighbours, rank P-1's next being rank 0).
 
 Bubble filling (``--fill-explicit-bubbles``), what is actually idle
   With forward time 1 and backward time r, 1F1B stage s is idle s before its first forward,
@@ -45,10 +48,14 @@ Bubble filling (``--fill-explicit-bubbles``), what is actually idle
   Partial micro-batch k has a depth d_k (its deepest stage, d_0 >= d_1 >= ...). Stage s runs
   the partials with d_k >= s: forwards in order k = 0, 1, ... (RECV_FORWARD from s-1 when
   s > 0, SEND_FORWARD to s+1 when d_k > s), then backwards in reverse order (RECV_BACKWARD
-  from s+1 when d_k > s, SEND_BACKWARD to s-1 when s > 0). The partial's backward on stage s
-  propagates its exit losses on stages s..d_k only; no final loss is computed for it. Its
-  activation for the full micro-batch waiting to be sent (the first steady forward's output)
-  is sent after the partials, fused with the first RECV_BACKWARD, as without filling.
+  from s+1 when d_k > s, SEND_BACKWARD to s-1 when s > 0). So a partial's activation goes
+  from s to s+1 only while s+1 <= d_k, and its gradient comes back along the same hops. Its
+  backward on stage s carries exactly the gradient of its weighted exit losses on stages
+  s..d_k (it never reaches the final loss). How those losses are scaled in the iteration's
+  objective is the executor's choice; the plan fixes which stages see which partial. The
+  output of the stage's first steady forward is held back and sent after the partials, fused
+  with the first RECV_BACKWARD as without filling (sending it first would deadlock: stage
+  s+1 receives it only after its own partials and its first backward).
 
   Count rule. K0 = floor((P-1)*r/(1+r)) (DESIGN.md 4) is how many partials stage 0 can do in
   its warm-up gap: stage 0 finishes them at time P + K0*(1+r) <= P + (P-1)*r. On stage s the
@@ -57,8 +64,8 @@ Bubble filling (``--fill-explicit-bubbles``), what is actually idle
   greedy assignment d_k = min(L, K0 - 1 - k) (L = last exit stage; :func:`fill_depths`) gives
   exactly n_s partials to every stage s <= L, every partial goes as deep as the limit allows,
   and with costs F=1, B=r the schedule's makespan stays (M+P-1)(1+r) (tested in
-  tests/unit/test_schedule_timeline.py). Partials whose depth would fall below the first
-  stage that has an exit are dropped (they would carry no loss).
+  tests/unit/test_schedule_timeline.py; with M < P there is more slack, not used). Partials
+  whose depth would fall below the first stage that has an exit are dropped (no loss).
 
 Exit tuning (``--tune-exit``): stages s <= L forward every micro-batch and send the
 activation on while s < L, then run a LOCAL backward of their own exit losses; no gradient
@@ -299,7 +306,8 @@ def one_f_one_b_plan(
         if j == steady - 1:
             b.send_output(BACKWARD, j)
         else:
-            b.emit_fused([lambda: b.send_output(BACKWARD, j), lambda: b.recv_input(FORWARD, i + 1)])
+            b.emit_fused([lambda: b.send_output(BACKWARD, j),
+                          lambda: b.recv_input(FORWARD, i + 1)])
     for j in range(steady, m):
         b.recv_input(BACKWARD, j)
         b.add(BACKWARD, j)

@@ -85,7 +85,10 @@ class _Replay:
         self.num_virtual = self.p * self.chunks
         self.duration = duration or (lambda stage, action: 0.0)
         self.tune_exit = tune_exit
-        self.stages = [_Stage(comm_batches(plan)) for plan in plans]
+        try:
+            self.stages = [_Stage(comm_batches(plan)) for plan in plans]
+        except ValueError as e:
+            raise ScheduleError(str(e)) from e
         self.sends: dict[tuple[int, int], deque[_Op]] = defaultdict(deque)
         self.recvs: dict[tuple[int, int], deque[_Op]] = defaultdict(deque)
         self.events: list[Event] = []

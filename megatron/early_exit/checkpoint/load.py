@@ -1,0 +1,248 @@
+"""Load (and reshard) our checkpoints; read their metadata; read full tensors on one process.
+
+    meta = load_checkpoint(args.load, setup, iteration=args.load_iteration)   # every rank
+    meta = read_checkpoint_metadata(args.load)            # --use-checkpoint-args: meta["args"]
+    config, tensors = load_full_state(path)               # one process, no model: tools, export
+
+``load_checkpoint`` picks the iteration (given, else ``latest_checkpointed_iteration.txt``),
+checks the sealed metadata and that every manifest file exists with its recorded size, checks
+the model config against the checkpoint's (naming the mismatching field), then for each local
+parameter assembles the full tensor from the saved TP shards of the stage that saved it and
+keeps this rank's slice, so TP/PP/DP and virtual chunks may all differ from the saving run.
+Every file it reads is sha256-checked first. The AdamW state is resharded the same way; RNG
+states are restored only when the layout is identical (else a warning). Any problem raises
+``CheckpointError`` on every rank; nothing is modified unless all names and shapes match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.checkpoint import format as fmt
+from megatron.early_exit.checkpoint.rng import restore_rng_state
+from megatron.early_exit.checkpoint.save import _dist_on, global_rank, layout_dict
+from megatron.early_exit.checkpoint.tensors import (load_model_tensors, load_optimizer_state,
+                                                    local_params)
+from megatron.early_exit.parallel.sharding import ShardSpec, full_shape, unshard
+
+# Fields that decide the parameters' names and shapes (checked on load, named on mismatch).
+MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "vocab_size", "normalization", "swiglu",
+                "position_embedding_type", "add_bias_linear", "untie_embeddings_and_output_weights")
+EXIT_FIELDS = ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
+               "untie_exit_output_weights")
+
+
+class ShardReader:
+    """Reads full tensors of one checkpoint directory from its TP shards (files opened lazily,
+    memory-mapped, each sha256-checked against the manifest before first use)."""
+
+    def __init__(self, dir_path: str, meta: dict):
+        self.dir, self.meta = dir_path, meta
+        self.index: Dict[str, dict] = meta["tensors"]
+        self.tp = meta["layout"]["tensor_model_parallel_size"]
+        self._files: Dict[str, dict] = {}
+
+    def open(self, rel: str) -> dict:
+        if rel not in self._files:
+            path = fmt.check_file(self.dir, rel, self.meta["files"], hash_it=True)
+            try:
+                self._files[rel] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise fmt.CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
+        return self._files[rel]
+
+    def has(self, name: str) -> bool:
+        return name in self.index
+
+    def _parts(self, name: str, file_name, key: str) -> Tuple[list, ShardSpec]:
+        entry = self.index[name]
+        spec = ShardSpec(entry["dim"], entry["chunks"])
+        ranks = range(self.tp) if spec.dim is not None else [0]
+        parts = []
+        for t in ranks:
+            rel = file_name(t, entry["pp_rank"])
+            table = self.open(rel)[key]
+            if name not in table:
+                raise fmt.CheckpointError(f"{os.path.join(self.dir, rel)} lacks {name} ({key})")
+            parts.append(table[name])
+        return parts, spec
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        parts, spec = self._parts(name, fmt.model_file, "tensors")
+        return unshard(parts, spec)
+
+    def has_state(self, name: str) -> bool:
+        entry = self.index.get(name)
+        return entry is not None and name in self.open(fmt.optim_file(0, entry["pp_rank"]))["state"]
+
+    def full_state(self, name: str) -> dict:
+        """Optimizer state of ``name`` with every per-element tensor made full."""
+        parts, spec = self._parts(name, fmt.optim_file, "state")
+        out = {}
+        for key, value in parts[0].items():
+            if torch.is_tensor(value) and value.dim():
+                value = unshard([p[key] for p in parts], spec)
+            out[key] = value
+        return out
+
+
+def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, dict, ShardReader]:
+    """(iteration directory, verified metadata, reader) of a committed checkpoint."""
+    it = fmt.resolve_iteration(load_dir, iteration)
+    dir_path = fmt.locate_iteration_dir(load_dir, it)
+    meta = fmt.read_metadata(dir_path)
+    if meta["iteration"] != it:
+        raise fmt.CheckpointError(f"{dir_path}/{fmt.METADATA} is for iteration {meta['iteration']}")
+    fmt.check_manifest(dir_path, meta["files"])
+    return dir_path, meta, ShardReader(dir_path, meta)
+
+
+def read_checkpoint_metadata(load_dir: str, iteration: Optional[int] = None) -> dict:
+    """The metadata dict (config, train_config, args, extra, ...) of a checkpoint."""
+    return open_checkpoint(load_dir, iteration)[1]
+
+
+def checkpoint_exists(load_dir: Optional[str]) -> bool:
+    """Whether ``load_dir`` has a latest-iteration pointer (a committed checkpoint)."""
+    return bool(load_dir) and fmt.read_tracker(load_dir) is not None
+
+
+def checkpoint_tokenizer_files(load_dir: str, iteration: Optional[int] = None) -> list:
+    """Absolute paths of the tokenizer files saved with a checkpoint (sha256-checked)."""
+    dir_path, meta, _ = open_checkpoint(load_dir, iteration)
+    return [fmt.check_file(dir_path, rel, meta["files"], hash_it=True)
+            for rel in meta["tokenizer_files"]]
+
+
+def load_full_state(load_dir: str, iteration: Optional[int] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(config dict, canonical name -> full tensor) of a checkpoint, on one process."""
+    _, meta, reader = open_checkpoint(load_dir, iteration)
+    return meta["config"], {name: reader.full_tensor(name) for name in sorted(reader.index)}
+
+
+def load_full_optimizer_state(load_dir: str, iteration: Optional[int] = None) -> Dict[str, dict]:
+    """Canonical name -> full AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``)."""
+    _, meta, reader = open_checkpoint(load_dir, iteration)
+    if not meta["has_optimizer"]:
+        raise fmt.CheckpointError(f"checkpoint in {load_dir} holds no optimizer state")
+    return {name: reader.full_state(name) for name in sorted(reader.index) if reader.has_state(name)}
+
+
+# ------------------------------------------------------------------------------ checks
+def check_config(saved: dict, cfg, strict: bool = True) -> None:
+    """Raise naming the first structural field where ``cfg`` differs from the saved config."""
+    pairs = [("model", f) for f in MODEL_FIELDS]
+    if cfg.model.position_embedding_type == "learned_absolute":
+        pairs.append(("model", "max_position_embeddings"))
+    if strict:
+        pairs += [("exits", f) for f in EXIT_FIELDS]
+    for section, name in pairs:
+        theirs = saved.get(section, {}).get(name)
+        ours = getattr(getattr(cfg, section), name)
+        if theirs != ours:
+            raise fmt.CheckpointError(f"the checkpoint does not fit this model: {section}.{name} is "
+                                      f"{theirs!r} in the checkpoint but {ours!r} here")
+
+
+def _check_params(params, reader: ShardReader, ctx, strict: bool) -> None:
+    missing = [p.canon for p in params if not reader.has(p.canon)]
+    if missing and strict:
+        raise fmt.CheckpointError(f"the checkpoint has no {missing[:8]}"
+                                  f"{' ...' if len(missing) > 8 else ''} (strict=False keeps them)")
+    if missing:
+        warnings.warn(f"not in the checkpoint, left as initialised: {missing}")
+    for p in params:
+        if reader.has(p.canon):
+            have = tuple(reader.index[p.canon]["shape"])
+            want = tuple(full_shape(p.param, p.spec, ctx.tp_size))
+            if have != want:
+                raise fmt.CheckpointError(f"parameter {p.canon}: the checkpoint holds shape {have}, "
+                                          f"this model needs {want}")
+
+
+def _restore_rng(dir_path: str, meta: dict, setup) -> None:
+    if not meta["has_rng"]:
+        warnings.warn(f"{dir_path} holds no RNG states (resharded?): RNG not restored")
+        return
+    if meta["layout"] != layout_dict(setup):
+        warnings.warn(f"checkpoint layout {meta['layout']} differs from this run's "
+                      f"{layout_dict(setup)}: RNG states not restored")
+        return
+    path = fmt.check_file(dir_path, fmt.rng_file(global_rank()), meta["files"], hash_it=True)
+    restore_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict) -> dict:
+    dir_path, meta, reader = open_checkpoint(load_dir, iteration)
+    check_config(meta["config"], setup.cfg, strict)
+    if load_optimizer and not meta["has_optimizer"]:
+        raise fmt.CheckpointError(f"{dir_path} holds no optimizer state; load it with "
+                                  "load_optimizer=False (--no-load-optim)")
+    params = local_params(setup.chunks, setup.cfg.model.swiglu)
+    _check_params(params, reader, setup.ctx, strict)
+    load_model_tensors(params, reader, setup.ctx)
+    if load_optimizer:
+        load_optimizer_state(params, setup.optimizer, reader, setup.ctx)
+    if load_rng:
+        _restore_rng(dir_path, meta, setup)
+    setup.iteration = meta["iteration"]
+    return meta
+
+
+def load_checkpoint(load_dir: str, setup, iteration: Optional[int] = None, load_optimizer: bool = True,
+                    load_rng: bool = True, strict: bool = True) -> dict:
+    """Load a checkpoint into ``setup`` (chunks, optimizer, RNG, iteration), resharding as needed.
+
+    Collective: every rank calls it; if any rank fails, all raise ``CheckpointError``.
+    ``strict=False`` tolerates parameters absent from the checkpoint (e.g. newly added exits)
+    and skips the exit-structure check. Returns the checkpoint's metadata.
+    """
+    meta, error = None, None
+    try:
+        meta = _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict)
+    except fmt.CheckpointError as e:
+        error = str(e)
+    errors = [error]
+    if _dist_on() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise fmt.CheckpointError(message if len(errors) == 1 else f"rank {rank}: {message}")
+    return meta
+
+
+# ------------------------------------------------------------------------------ configs
+def _known(cls, values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    dropped = sorted(set(values) - names)
+    if dropped:
+        warnings.warn(f"checkpoint config fields unknown to {cls.__name__} ignored: {dropped}")
+    return {k: v for k, v in values.items() if k in names}
+
+
+def config_from_dict(d: dict):
+    """EarlyExitGPTConfig from metadata['config'] (validated; unknown fields dropped)."""
+    from megatron.early_exit.config import (EarlyExitGPTConfig, ExitConfig, ModelConfig,
+                                            ParallelConfig)
+
+    rest = _known(EarlyExitGPTConfig, {k: v for k, v in d.items()
+                                       if k not in ("model", "exits", "parallel")})
+    return EarlyExitGPTConfig(model=ModelConfig(**_known(ModelConfig, d["model"])),
+                              exits=ExitConfig(**_known(ExitConfig, d.get("exits", {}))),
+                              parallel=ParallelConfig(**_known(ParallelConfig, d.get("parallel", {}))),
+                              **rest)
+
+
+def train_config_from_dict(d: dict):
+    from megatron.early_exit.config import TrainConfig
+
+    return TrainConfig(**_known(TrainConfig, d))

@@ -1,0 +1,117 @@
+"""Rewrite a checkpoint for another TP/PP layout on one process, without building a model.
+
+Reads every full tensor (and, if wanted, the full AdamW state), decides from the canonical
+names which pipeline stage of the target layout holds each one (model/placement.py), cuts the
+TP shards with ``parallel/sharding.shard`` and writes the per-(tp, pp) files in the same format
+as ``save_checkpoint``, committed atomically. RNG states are not carried (the layout changes).
+Used by ``tools/checkpoint_reshard.py``.
+
+    path = reshard_checkpoint("ckpt/tp2pp2", "ckpt/tp1pp1", tp=1, pp=1)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from typing import Dict, Optional
+
+import torch
+
+from megatron.early_exit.checkpoint import format as fmt
+from megatron.early_exit.checkpoint.load import config_from_dict, open_checkpoint
+from megatron.early_exit.checkpoint.save import build_metadata, copy_tokenizer_files
+from megatron.early_exit.model.placement import stage_placement
+from megatron.early_exit.parallel.sharding import ShardSpec, shard
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXIT = re.compile(r"^exits\.(\d+)\.")
+
+
+def target_config(config: dict, tp: int, pp: int) -> dict:
+    """The saved config dict with the parallel layout replaced (validated)."""
+    new = copy.deepcopy(config)
+    par = new.setdefault("parallel", {})
+    par.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, world_size=tp * pp,
+               num_layers_per_virtual_pipeline_stage=None)
+    if tp == 1:
+        par["sequence_parallel"] = False
+    config_from_dict(new)  # raises ConfigError naming the flag if the layout does not fit
+    return new
+
+
+def stage_of(name: str, cfg) -> int:
+    """Pipeline rank that holds canonical parameter ``name`` under ``cfg``'s layout."""
+    places = [stage_placement(cfg, r) for r in range(cfg.parallel.pipeline_model_parallel_size)]
+    layer, exit_ = _LAYER.match(name), _EXIT.match(name)
+    for pl in places:
+        if ((name.startswith("embedding.") and pl.pre_process)
+                or ((name.startswith("decoder.final_layernorm.") or name.startswith("output_layer."))
+                    and pl.post_process)
+                or (layer and int(layer.group(1)) + 1 in pl.layers)
+                or (exit_ and int(exit_.group(1)) in pl.exit_layers)):
+            return pl.pp_rank
+    raise fmt.CheckpointError(f"cannot tell which pipeline stage holds parameter {name}")
+
+
+def _spec(entry: dict) -> ShardSpec:
+    return ShardSpec(entry["dim"], entry["chunks"])
+
+
+def _shard_state(state: dict, spec: ShardSpec, t: int, tp: int) -> dict:
+    return {k: shard(v, spec, t, tp).clone() if torch.is_tensor(v) and v.dim() else v
+            for k, v in state.items()}
+
+
+def _write_stage(tmp: str, t: int, p: int, tp: int, pp: int, names, index, tensors,
+                 optim: Optional[dict], groups) -> Dict[str, dict]:
+    header = {"tp_rank": t, "tp_size": tp, "pp_rank": p, "pp_size": pp}
+    specs = {n: {"dim": index[n]["dim"], "chunks": index[n]["chunks"]} for n in names}
+    payload = dict(header, specs=specs,
+                   tensors={n: shard(tensors[n], _spec(index[n]), t, tp).clone() for n in names})
+    files = {}
+    size, sha = fmt.write_torch_file(os.path.join(tmp, fmt.model_file(t, p)), payload)
+    files[fmt.model_file(t, p)] = {"size": size, "sha256": sha}
+    if optim is not None:
+        state = {n: _shard_state(optim[n], _spec(index[n]), t, tp) for n in names if n in optim}
+        payload = dict(header, specs=specs, state=state, param_groups=groups)
+        size, sha = fmt.write_torch_file(os.path.join(tmp, fmt.optim_file(t, p)), payload)
+        files[fmt.optim_file(t, p)] = {"size": size, "sha256": sha}
+    return files
+
+
+def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
+                       iteration: Optional[int] = None, with_optimizer: bool = True) -> str:
+    """Write the checkpoint in ``load_dir`` to ``save_dir`` at TP=``tp``, PP=``pp``; returns
+    the committed iteration directory. ``with_optimizer`` needs optimizer state in the source."""
+    src_dir, meta, reader = open_checkpoint(load_dir, iteration)
+    with_optimizer = with_optimizer and meta["has_optimizer"]
+    config = target_config(meta["config"], tp, pp)
+    cfg = config_from_dict(config)
+    index = {n: dict(e, pp_rank=stage_of(n, cfg)) for n, e in meta["tensors"].items()}
+    tensors = {n: reader.full_tensor(n) for n in index}
+    optim, groups = None, None
+    if with_optimizer:
+        optim = {n: reader.full_state(n) for n in index if reader.has_state(n)}
+        groups = reader.open(fmt.optim_file(0, 0))["param_groups"]
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = os.path.join(save_dir, f"{fmt.iteration_name(meta['iteration'])}.tmp-{fmt.new_nonce()}")
+    os.makedirs(tmp)
+    try:
+        files = {}
+        for p in range(pp):
+            names = sorted(n for n, e in index.items() if e["pp_rank"] == p)
+            for t in range(tp):
+                files.update(_write_stage(tmp, t, p, tp, pp, names, index, tensors, optim, groups))
+        tok = [os.path.join(src_dir, rel) for rel in meta["tokenizer_files"]]
+        files.update(copy_tokenizer_files(tmp, tok))
+        layout = {"world_size": tp * pp, "tensor_model_parallel_size": tp,
+                  "pipeline_model_parallel_size": pp, "data_parallel_size": 1,
+                  "virtual_pipeline_chunks": 1}
+        new_meta = build_metadata(meta["iteration"], config, meta["train_config"], layout, index,
+                                  files, meta["args"], meta["extra"], with_optimizer, False)
+        return fmt.commit(save_dir, tmp, meta["iteration"], new_meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,135 @@
+"""This rank's parameters and AdamW state as canonical-name shards, and their resharded reload.
+
+A saved shard file maps canonical names (parallel/sharding.py) to this rank's TP slice, with the
+``ShardSpec`` needed to put the full tensor back together. Copies of the tied word embedding on
+later stages (``word_embeddings_copy``) are not saved: they equal the first stage's embedding,
+and so does their optimizer state (they receive identical gradients), so on load they are filled
+from ``embedding.word_embeddings.weight``.
+
+    params = local_params(setup.chunks, swiglu)
+    payload = model_payload(params, ctx)              # -> torch.save
+    load_model_tensors(params, reader, ctx)          # reader: load.ShardReader
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from megatron.early_exit.checkpoint.format import CheckpointError
+from megatron.early_exit.parallel.sharding import ShardSpec, canonical_names, full_shape, shard, shard_spec
+
+COPY_NAME = "word_embeddings_copy"
+
+
+@dataclass
+class LocalParam:
+    canon: str  # canonical, layout-independent name
+    local_name: str  # name inside its chunk
+    param: torch.nn.Parameter
+    spec: ShardSpec
+
+    @property
+    def is_copy(self) -> bool:
+        """A stage's copy of the tied embedding (saved once, by the first stage)."""
+        return self.local_name == COPY_NAME
+
+
+def local_params(chunks, swiglu: bool) -> List[LocalParam]:
+    out = []
+    for model in chunks:
+        names = canonical_names(model)
+        for local_name, param in model.named_parameters():
+            out.append(LocalParam(names[local_name], local_name, param,
+                                  shard_spec(local_name, param, swiglu)))
+    return out
+
+
+def spec_dict(spec: ShardSpec) -> dict:
+    return {"dim": spec.dim, "chunks": spec.chunks}
+
+
+def _header(ctx) -> dict:
+    return {"tp_rank": ctx.tp_rank, "tp_size": ctx.tp_size, "pp_rank": ctx.pp_rank,
+            "pp_size": ctx.pp_size}
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    # clone: never save a view (it would drag a whole flat buffer into the file)
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def model_payload(params: List[LocalParam], ctx) -> dict:
+    saved = [p for p in params if not p.is_copy]
+    return dict(_header(ctx), tensors={p.canon: _cpu_copy(p.param) for p in saved},
+                specs={p.canon: spec_dict(p.spec) for p in saved})
+
+
+def tensor_index(params: List[LocalParam], ctx) -> Dict[str, dict]:
+    """canonical name -> where it is saved (pp rank), full shape, dtype and spec."""
+    return {p.canon: dict(spec_dict(p.spec), pp_rank=ctx.pp_rank, dtype=str(p.param.dtype),
+                          shape=list(full_shape(p.param, p.spec, ctx.tp_size)))
+            for p in params if not p.is_copy}
+
+
+def optimizer_payload(params: List[LocalParam], optimizer, ctx) -> dict:
+    state = {}
+    for p in params:
+        if p.is_copy or p.param not in optimizer.state:
+            continue
+        entry = {}
+        for key, value in optimizer.state[p.param].items():
+            if torch.is_tensor(value):
+                if value.dim() and value.shape != p.param.shape:
+                    raise ValueError(f"optimizer state {key!r} of {p.canon} has shape "
+                                     f"{tuple(value.shape)}, not the parameter's {tuple(p.param.shape)}")
+                value = _cpu_copy(value)
+            entry[key] = value
+        state[p.canon] = entry
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return dict(_header(ctx), state=state, specs={p.canon: spec_dict(p.spec) for p in params
+                                                  if not p.is_copy}, param_groups=groups)
+
+
+# ------------------------------------------------------------------------------ loading
+def _local_slice(full: torch.Tensor, p: LocalParam, ctx) -> torch.Tensor:
+    return shard(full, p.spec, ctx.tp_rank, ctx.tp_size)
+
+
+def check_full_shape(p: LocalParam, full: torch.Tensor, ctx) -> None:
+    want = full_shape(p.param, p.spec, ctx.tp_size)
+    if tuple(full.shape) != tuple(want):
+        raise CheckpointError(f"parameter {p.canon}: the checkpoint holds shape {tuple(full.shape)}, "
+                              f"this model needs {tuple(want)}")
+
+
+@torch.no_grad()
+def load_model_tensors(params: List[LocalParam], reader, ctx) -> None:
+    """Copy each local parameter's slice of the saved full tensor in (absent ones are skipped)."""
+    for p in params:
+        if reader.has(p.canon):
+            full = reader.full_tensor(p.canon)
+            check_full_shape(p, full, ctx)
+            p.param.copy_(_local_slice(full, p, ctx).to(p.param.dtype))
+
+
+def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> None:
+    """Replace ``optimizer``'s per-parameter state by the resharded saved state."""
+    order = [q for g in optimizer.param_groups for q in g["params"]]
+    index = {id(q): i for i, q in enumerate(order)}
+    sd = optimizer.state_dict()
+    state = {}
+    for p in params:
+        if id(p.param) not in index or not reader.has_state(p.canon):
+            continue
+        entry = {}
+        for key, full in reader.full_state(p.canon).items():
+            if torch.is_tensor(full) and full.dim():
+                check_full_shape(p, full, ctx)
+                full = _local_slice(full, p, ctx).clone()
+            entry[key] = full
+        state[index[id(p.param)]] = entry
+    sd["state"] = state
+    optimizer.load_state_dict(sd)  # casts to each parameter's dtype/device ('step' kept as is)
