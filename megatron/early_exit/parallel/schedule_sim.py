@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from megatron.early_exit.parallel.schedule_plan import (
-    BACKWARD,
     FORWARD,
     RECV_BACKWARD,
     RECV_FORWARD,
