@@ -8,8 +8,8 @@
 checks the sealed metadata and that every manifest file exists with its recorded size, checks
 the model config against the checkpoint's (naming the mismatching field), then for each local
 parameter assembles the full tensor from the saved TP shards of the stage that saved it and
-keeps this rank's slice, so TP/PP/DP and virtual chunks may all differ from the saving run.
-Every file it reads is sha256-checked first. The AdamW state is resharded the same way; RNG
+keeps this rank's slice (read directly when the TP split is unchanged), so TP/PP/DP and
+virtual chunks may all differ from the saving run. Every file it reads is sha256-checked first. The AdamW state is resharded the same way; RNG
 states are restored only when the layout is identical (else a warning). Any problem raises
 ``CheckpointError`` on every rank; nothing is modified unless all names and shapes match.
 """
@@ -17,7 +17,6 @@ states are restored only when the layout is identical (else a warning). Any prob
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -25,11 +24,12 @@ import torch
 import torch.distributed as dist
 
 from megatron.early_exit.checkpoint import format as fmt
+from megatron.early_exit.checkpoint.reader import ShardReader
 from megatron.early_exit.checkpoint.rng import restore_rng_state
 from megatron.early_exit.checkpoint.save import _dist_on, global_rank, layout_dict
 from megatron.early_exit.checkpoint.tensors import (load_model_tensors, load_optimizer_state,
                                                     local_params)
-from megatron.early_exit.parallel.sharding import ShardSpec, full_shape, unshard
+from megatron.early_exit.parallel.sharding import full_shape
 
 # Fields that decide the parameters' names and shapes (checked on load, named on mismatch).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -37,60 +37,6 @@ MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "position_embedding_type", "add_bias_linear", "untie_embeddings_and_output_weights")
 EXIT_FIELDS = ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
                "untie_exit_output_weights")
-
-
-class ShardReader:
-    """Reads full tensors of one checkpoint directory from its TP shards (files opened lazily,
-    memory-mapped, each sha256-checked against the manifest before first use)."""
-
-    def __init__(self, dir_path: str, meta: dict):
-        self.dir, self.meta = dir_path, meta
-        self.index: Dict[str, dict] = meta["tensors"]
-        self.tp = meta["layout"]["tensor_model_parallel_size"]
-        self._files: Dict[str, dict] = {}
-
-    def open(self, rel: str) -> dict:
-        if rel not in self._files:
-            path = fmt.check_file(self.dir, rel, self.meta["files"], hash_it=True)
-            try:
-                self._files[rel] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise fmt.CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
-        return self._files[rel]
-
-    def has(self, name: str) -> bool:
-        return name in self.index
-
-    def _parts(self, name: str, file_name, key: str) -> Tuple[list, ShardSpec]:
-        entry = self.index[name]
-        spec = ShardSpec(entry["dim"], entry["chunks"])
-        ranks = range(self.tp) if spec.dim is not None else [0]
-        parts = []
-        for t in ranks:
-            rel = file_name(t, entry["pp_rank"])
-            table = self.open(rel)[key]
-            if name not in table:
-                raise fmt.CheckpointError(f"{os.path.join(self.dir, rel)} lacks {name} ({key})")
-            parts.append(table[name])
-        return parts, spec
-
-    def full_tensor(self, name: str) -> torch.Tensor:
-        parts, spec = self._parts(name, fmt.model_file, "tensors")
-        return unshard(parts, spec)
-
-    def has_state(self, name: str) -> bool:
-        entry = self.index.get(name)
-        return entry is not None and name in self.open(fmt.optim_file(0, entry["pp_rank"]))["state"]
-
-    def full_state(self, name: str) -> dict:
-        """Optimizer state of ``name`` with every per-element tensor made full."""
-        parts, spec = self._parts(name, fmt.optim_file, "state")
-        out = {}
-        for key, value in parts[0].items():
-            if torch.is_tensor(value) and value.dim():
-                value = unshard([p[key] for p in parts], spec)
-            out[key] = value
-        return out
 
 
 def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, dict, ShardReader]:
@@ -124,7 +70,7 @@ def checkpoint_tokenizer_files(load_dir: str, iteration: Optional[int] = None) -
 def load_full_state(load_dir: str, iteration: Optional[int] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """(config dict, canonical name -> full tensor) of a checkpoint, on one process."""
     _, meta, reader = open_checkpoint(load_dir, iteration)
-    return meta["config"], {name: reader.full_tensor(name) for name in sorted(reader.index)}
+    return meta["config"], {name: reader.tensor(name) for name in sorted(reader.index)}
 
 
 def load_full_optimizer_state(load_dir: str, iteration: Optional[int] = None) -> Dict[str, dict]:
@@ -132,7 +78,7 @@ def load_full_optimizer_state(load_dir: str, iteration: Optional[int] = None) ->
     _, meta, reader = open_checkpoint(load_dir, iteration)
     if not meta["has_optimizer"]:
         raise fmt.CheckpointError(f"checkpoint in {load_dir} holds no optimizer state")
-    return {name: reader.full_state(name) for name in sorted(reader.index) if reader.has_state(name)}
+    return {name: reader.state(name) for name in sorted(reader.index) if reader.has_state(name)}
 
 
 # ------------------------------------------------------------------------------ checks
@@ -167,16 +113,20 @@ def _check_params(params, reader: ShardReader, ctx, strict: bool) -> None:
                                           f"this model needs {want}")
 
 
-def _restore_rng(dir_path: str, meta: dict, setup) -> None:
+def _read_rng(dir_path: str, meta: dict, setup) -> Optional[dict]:
+    """This rank's saved RNG state, or None (with a warning) if it cannot apply here."""
     if not meta["has_rng"]:
         warnings.warn(f"{dir_path} holds no RNG states (resharded?): RNG not restored")
-        return
+        return None
     if meta["layout"] != layout_dict(setup):
         warnings.warn(f"checkpoint layout {meta['layout']} differs from this run's "
                       f"{layout_dict(setup)}: RNG states not restored")
-        return
+        return None
     path = fmt.check_file(dir_path, fmt.rng_file(global_rank()), meta["files"], hash_it=True)
-    restore_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise fmt.CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
 
 
 def _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict) -> dict:
@@ -187,11 +137,13 @@ def _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict) -> 
                                   "load_optimizer=False (--no-load-optim)")
     params = local_params(setup.chunks, setup.cfg.model.swiglu)
     _check_params(params, reader, setup.ctx, strict)
+    reader.prefetch([(p.canon, p.spec) for p in params], load_optimizer, setup.ctx)
+    rng = _read_rng(dir_path, meta, setup) if load_rng else None
     load_model_tensors(params, reader, setup.ctx)
     if load_optimizer:
         load_optimizer_state(params, setup.optimizer, reader, setup.ctx)
-    if load_rng:
-        _restore_rng(dir_path, meta, setup)
+    if rng is not None:
+        restore_rng_state(rng)
     setup.iteration = meta["iteration"]
     return meta
 
@@ -200,23 +152,27 @@ def load_checkpoint(load_dir: str, setup, iteration: Optional[int] = None, load_
                     load_rng: bool = True, strict: bool = True) -> dict:
     """Load a checkpoint into ``setup`` (chunks, optimizer, RNG, iteration), resharding as needed.
 
-    Collective: every rank calls it; if any rank fails, all raise ``CheckpointError``.
+    Collective: every rank calls it. A failing rank raises its own error (``CheckpointError``
+    for a missing, corrupt or mismatching checkpoint); the others raise ``CheckpointError``
+    naming that rank, so no rank is left waiting in a later collective.
     ``strict=False`` tolerates parameters absent from the checkpoint (e.g. newly added exits)
     and skips the exit-structure check. Returns the checkpoint's metadata.
     """
     meta, error = None, None
     try:
         meta = _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict)
-    except fmt.CheckpointError as e:
-        error = str(e)
-    errors = [error]
+    except Exception as e:  # noqa: BLE001 - the other ranks must hear of it, not hang
+        error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    messages = [message]
     if _dist_on() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
-        rank, message = failed[0]
-        raise fmt.CheckpointError(message if len(errors) == 1 else f"rank {rank}: {message}")
+        raise fmt.CheckpointError(f"loading failed on rank {failed[0][0]}: {failed[0][1]}")
     return meta
 
 

@@ -90,10 +90,10 @@ def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
     config = target_config(meta["config"], tp, pp)
     cfg = config_from_dict(config)
     index = {n: dict(e, pp_rank=stage_of(n, cfg)) for n, e in meta["tensors"].items()}
-    tensors = {n: reader.full_tensor(n) for n in index}
+    tensors = {n: reader.tensor(n) for n in index}
     optim, groups = None, None
     if with_optimizer:
-        optim = {n: reader.full_state(n) for n in index if reader.has_state(n)}
+        optim = {n: reader.state(n) for n in index if reader.has_state(n)}
         groups = reader.open(fmt.optim_file(0, 0))["param_groups"]
     os.makedirs(save_dir, exist_ok=True)
     tmp = os.path.join(save_dir, f"{fmt.iteration_name(meta['iteration'])}.tmp-{fmt.new_nonce()}")
@@ -109,8 +109,12 @@ def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
         layout = {"world_size": tp * pp, "tensor_model_parallel_size": tp,
                   "pipeline_model_parallel_size": pp, "data_parallel_size": 1,
                   "virtual_pipeline_chunks": 1}
+        args = dict(meta["args"])
+        for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+            if key in args:
+                args[key] = value
         new_meta = build_metadata(meta["iteration"], config, meta["train_config"], layout, index,
-                                  files, meta["args"], meta["extra"], with_optimizer, False)
+                                  files, args, meta["extra"], with_optimizer, False)
         return fmt.commit(save_dir, tmp, meta["iteration"], new_meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

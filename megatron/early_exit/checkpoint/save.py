@@ -154,6 +154,8 @@ def expected_files(layout: dict, has_optimizer: bool, has_rng: bool) -> list:
 def build_metadata(iteration: int, config: dict, train_config: Optional[dict], layout: dict,
                    index: dict, files: dict, args=None, extra=None, has_optimizer=True,
                    has_rng=True) -> dict:
+    if args is not None and not isinstance(args, dict) and hasattr(args, "__dict__"):
+        args = vars(args)  # an argparse.Namespace
     missing = [n for n in expected_files(layout, has_optimizer, has_rng) if n not in files]
     if missing:
         raise fmt.CheckpointError(f"checkpoint is incomplete: no rank wrote {missing}")
@@ -189,10 +191,14 @@ def save_checkpoint(save_dir: str, setup, args: Optional[dict] = None, extra: Op
     ranks. Returns the committed ``<save_dir>/iter_XXXXXXX`` path on every rank."""
     tmp = None
     if global_rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
         tmp = os.path.join(save_dir, f"{fmt.iteration_name(setup.iteration)}.tmp-{fmt.new_nonce()}")
-        os.makedirs(tmp)
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            tmp = ("error", f"cannot create {tmp}: {e}")
     tmp = broadcast_object(tmp)
+    if isinstance(tmp, tuple):
+        raise fmt.CheckpointError(f"checkpoint at iteration {setup.iteration} not saved: {tmp[1]}")
     report = _write_rank(tmp, setup, save_optimizer, save_rng, tokenizer_files)
     reports = gather_objects(report)
     outcome = None

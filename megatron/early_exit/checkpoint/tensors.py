@@ -8,7 +8,7 @@ from ``embedding.word_embeddings.weight``.
 
     params = local_params(setup.chunks, swiglu)
     payload = model_payload(params, ctx)              # -> torch.save
-    load_model_tensors(params, reader, ctx)          # reader: load.ShardReader
+    load_model_tensors(params, reader, ctx)          # reader: checkpoint/reader.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from megatron.early_exit.checkpoint.format import CheckpointError
-from megatron.early_exit.parallel.sharding import ShardSpec, canonical_names, full_shape, shard, shard_spec
+from megatron.early_exit.parallel.sharding import ShardSpec, canonical_names, full_shape, shard_spec
 
 COPY_NAME = "word_embeddings_copy"
 
@@ -94,25 +94,20 @@ def optimizer_payload(params: List[LocalParam], optimizer, ctx) -> dict:
 
 
 # ------------------------------------------------------------------------------ loading
-def _local_slice(full: torch.Tensor, p: LocalParam, ctx) -> torch.Tensor:
-    return shard(full, p.spec, ctx.tp_rank, ctx.tp_size)
-
-
-def check_full_shape(p: LocalParam, full: torch.Tensor, ctx) -> None:
-    want = full_shape(p.param, p.spec, ctx.tp_size)
-    if tuple(full.shape) != tuple(want):
-        raise CheckpointError(f"parameter {p.canon}: the checkpoint holds shape {tuple(full.shape)}, "
-                              f"this model needs {tuple(want)}")
+def _check_local_shape(p: LocalParam, local: torch.Tensor, what: str) -> None:
+    if tuple(local.shape) != tuple(p.param.shape):
+        raise CheckpointError(f"{what} of {p.canon}: resharded to {tuple(local.shape)}, this rank "
+                              f"holds {tuple(p.param.shape)}")
 
 
 @torch.no_grad()
 def load_model_tensors(params: List[LocalParam], reader, ctx) -> None:
-    """Copy each local parameter's slice of the saved full tensor in (absent ones are skipped)."""
+    """Copy in each local parameter's slice of the saved tensor (absent ones are skipped)."""
     for p in params:
         if reader.has(p.canon):
-            full = reader.full_tensor(p.canon)
-            check_full_shape(p, full, ctx)
-            p.param.copy_(_local_slice(full, p, ctx).to(p.param.dtype))
+            local = reader.tensor(p.canon, p.spec, ctx)
+            _check_local_shape(p, local, "parameter")
+            p.param.copy_(local.to(p.param.dtype))
 
 
 def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> None:
@@ -124,12 +119,12 @@ def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> No
     for p in params:
         if id(p.param) not in index or not reader.has_state(p.canon):
             continue
-        entry = {}
-        for key, full in reader.full_state(p.canon).items():
-            if torch.is_tensor(full) and full.dim():
-                check_full_shape(p, full, ctx)
-                full = _local_slice(full, p, ctx).clone()
-            entry[key] = full
+        entry = reader.state(p.canon, p.spec, ctx)
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                if value.dim():
+                    _check_local_shape(p, value, f"optimizer state {key!r}")
+                entry[key] = value.clone()  # own memory, not the memory-mapped file
         state[index[id(p.param)]] = entry
     sd["state"] = state
     optimizer.load_state_dict(sd)  # casts to each parameter's dtype/device ('step' kept as is)

@@ -20,6 +20,7 @@ any other stage that needs it (final head tied, or tied exits) holds a copy,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -161,17 +162,23 @@ class EarlyExitGPTModel(MegatronModule):
                 labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None,
                 exit_weights: Optional[List[float]] = None,
-                return_logits: bool = False) -> StageOutput:
+                return_logits: bool = False,
+                skip_final_head: bool = False,
+                frozen_backbone: bool = False) -> StageOutput:
         """Run this stage.
 
         input_ids [b, s] on the first stage, else hidden_states [s, b, h] from the previous one.
         With labels [b, s], computes the losses of the heads here; ``exit_weights`` are the
         current w_i(t), one per exit of the whole model (default: the config's targets).
+        ``skip_final_head``: exits only (partial micro-batches, exit tuning).
+        ``frozen_backbone``: embedding and layers run without grad; only exit heads get gradients.
         """
+        backbone_grad = torch.no_grad() if frozen_backbone else contextlib.nullcontext()
         if self.pre_process:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
-            hidden = self.embed(input_ids, position_ids)
+            with backbone_grad:
+                hidden = self.embed(input_ids, position_ids)
         else:
             hidden = hidden_states
         sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
@@ -197,10 +204,11 @@ class EarlyExitGPTModel(MegatronModule):
         for i, layer in enumerate(self.placement.layers):
             if ex.pre_exit and str(layer) in self.exits:
                 exit_head(layer, hidden)
-            hidden = self.run_layer(i, hidden, rotary)
+            with backbone_grad:
+                hidden = self.run_layer(i, hidden, rotary)
             if not ex.pre_exit and str(layer) in self.exits:
                 exit_head(layer, hidden)
-        if not self.post_process:
+        if not self.post_process or skip_final_head:
             out.hidden = hidden
             return self._sum_terms(out, terms)
         logits = self.final_logits(hidden)

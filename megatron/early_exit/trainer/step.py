@@ -50,6 +50,19 @@ def forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16
     return sums
 
 
+def forward_backward_tune_exit_single(chunks, microbatches, exit_weights, bf16, ctx):
+    """--tune-exit without pipelining: frozen backbone, exit losses only."""
+    (model,) = chunks
+    sums: Dict[str, torch.Tensor] = {}
+    for mb in microbatches:
+        with autocast_context(ctx, bf16):
+            out = model(input_ids=mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"],
+                        exit_weights=exit_weights, skip_final_head=True, frozen_backbone=True)
+        (out.loss / len(microbatches)).backward()
+        accumulate_head_losses(sums, out)
+    return sums
+
+
 def accumulate_head_losses(sums: Dict[str, torch.Tensor], out) -> None:
     if out.final_loss is not None:
         sums["final"] = sums.get("final", 0) + out.final_loss.double()
@@ -74,6 +87,9 @@ def reduce_head_losses(sums, cfg, ctx, num_microbatches: int):
 
 
 def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16=False, **schedule_kwargs):
+    schedule = schedule_kwargs.get("schedule")
+    if ctx.pp_size == 1 and schedule is not None and schedule.tune_exit:
+        return forward_backward_tune_exit_single(chunks, microbatches, exit_weights, bf16, ctx)
     if ctx.pp_size == 1:
         return forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16, ctx)
     from megatron.early_exit.parallel.schedule_executor import forward_backward_pipelining

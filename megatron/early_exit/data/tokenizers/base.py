@@ -1,4 +1,4 @@
-"""Tokenizer interface and a dependency-free UTF-8 byte tokenizer (tests, demo, smoke runs).
+"""Tokenizer interface, vocabulary padding and a dependency-free UTF-8 byte tokenizer.
 
     from megatron.early_exit.data.tokenizers import ByteTokenizer, pad_vocab_size
     tok = ByteTokenizer()
@@ -10,6 +10,10 @@ As in Megatron, ``vocab_size`` is the tokenizer's real vocabulary; the model's e
 output layers use the padded size from ``pad_vocab_size`` (``--make-vocab-size-divisible-by``
 times the tensor-parallel size), whose extra ids no tokenizer ever produces. The interface is
 duck-type compatible with what megatron.core's GPTDataset reads (``vocab_size``, ``eod``).
+
+Every tokenizer also names the files that define it (``file_args()``: constructor argument ->
+path; ``files()``: those paths) so a checkpoint can copy them and inference can rebuild it
+(see ``registry.save_tokenizer_files`` / ``tokenizer_from_directory``).
 
 Run the tests: ``python -m pytest -q tests/unit/test_corpus_tokenizer.py``.
 """
@@ -37,6 +41,9 @@ def pad_vocab_size(
 
 class Tokenizer(ABC):
     """Text <-> token ids. Subclasses define the vocabulary and the end-of-document id."""
+
+    #: the ``--tokenizer-type`` value that builds this tokenizer
+    tokenizer_type: str = ""
 
     @property
     @abstractmethod
@@ -66,6 +73,15 @@ class Tokenizer(ABC):
         """Beginning-of-sequence id, or None when the tokenizer has none."""
         return None
 
+    def file_args(self) -> dict[str, str]:
+        """Files defining the tokenizer, keyed by ``build_tokenizer`` argument name
+        (``vocab_file``, ``merge_file``, ``tokenizer_model``); empty for a built-in one."""
+        return {}
+
+    def files(self) -> list[str]:
+        """Paths of the files that define the tokenizer (copy them to rebuild it elsewhere)."""
+        return list(self.file_args().values())
+
     def padded_vocab_size(
         self, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
     ) -> int:
@@ -77,6 +93,8 @@ class Tokenizer(ABC):
 
 class ByteTokenizer(Tokenizer):
     """One id per UTF-8 byte (0..255) plus the end-of-document id 256: vocab_size 257."""
+
+    tokenizer_type = "ByteTokenizer"
 
     NUM_BYTES = 256
     EOD = 256

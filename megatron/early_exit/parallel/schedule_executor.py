@@ -1,0 +1,195 @@
+"""Executor for the pure pipeline plans of parallel/schedule_plan.py.
+
+It walks one stage's plan: compute actions run a model chunk forward or backward, and each
+communication batch (``comm_batches``) is one ``PipelineP2P.exchange``. For every micro-batch a
+stage backpropagates (DESIGN.md §4)
+
+    J_s = (1/M) * sum_{e on this stage} w_e * l_e  +  <y, g>         (g received, detached)
+
+so exit losses on any stage reach every earlier stage through the single activation gradient
+that crosses each boundary. Partial (bubble-filling) micro-batches are weighted like full ones
+(1/M) and carry exit losses only; docs/pipeline.md states the exact objective. Under
+``--tune-exit`` the backbone runs without grad and each exit stage backpropagates its own exit
+losses locally.
+
+    sums = forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron.early_exit.model.placement import exit_stages
+from megatron.early_exit.parallel.p2p import PipelineP2P
+from megatron.early_exit.parallel.schedule_plan import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD,
+                                                        SEND_BACKWARD, SEND_FORWARD, Action, comm_batches,
+                                                        fill_depths, interleaved_plan, one_f_one_b_plan,
+                                                        tune_exit_plan)
+from megatron.early_exit.trainer.step import accumulate_head_losses, autocast_context
+
+Key = Tuple[int, int, bool]  # (micro-batch, chunk, partial)
+
+
+def fill_plan_depths(cfg, schedule, pp_size: int) -> List[int]:
+    """Depths of the partial micro-batches for ``--fill-explicit-bubbles`` (empty if off)."""
+    if schedule is None or not schedule.fill_explicit_bubbles:
+        return []
+    stages = exit_stages(cfg)
+    if not stages:
+        raise ValueError("--fill-explicit-bubbles needs --exit-layer-nums")
+    if schedule.num_fill_cooldown_microbatches:
+        raise ValueError("--num-fill-cooldown-microbatches: cool-down filling is not offered "
+                         "(its partial backward cannot reach stage 0, so it is not the gradient of "
+                         "any objective; see docs/pipeline.md); use warm-up filling")
+    return fill_depths(pp_size, stages[-1], schedule.backward_forward_ratio,
+                       schedule.num_fill_warmup_microbatches, stages[0])
+
+
+def build_plan(cfg, ctx, num_microbatches: int, num_chunks: int, schedule=None) -> List[Action]:
+    if schedule is not None and schedule.tune_exit:
+        stages = exit_stages(cfg)
+        if not stages:
+            raise ValueError("--tune-exit needs --exit-layer-nums")
+        return tune_exit_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, stages[-1])
+    if num_chunks > 1:
+        return interleaved_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, num_chunks)
+    depths = fill_plan_depths(cfg, schedule, ctx.pp_size)
+    return one_f_one_b_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, fill=depths)
+
+
+class _StageRunner:
+    """Holds the in-flight tensors of one stage while its plan executes."""
+
+    def __init__(self, chunks, microbatches, partials, cfg, ctx, exit_weights, bf16, tune_exit):
+        self.chunks, self.cfg, self.ctx = chunks, cfg, ctx
+        self.microbatches, self.partials = microbatches, partials
+        self.exit_weights, self.bf16, self.tune_exit = exit_weights, bf16, tune_exit
+        self.scale = 1.0 / len(microbatches)
+        self.p2p = PipelineP2P(ctx.pp_group, ctx.prev_rank, ctx.next_rank, ctx.device)
+        self.inputs: Dict[Key, Optional[torch.Tensor]] = {}
+        self.outputs: Dict[Key, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        self.received_fwd: Dict[Key, torch.Tensor] = {}
+        self.received_bwd: Dict[Key, torch.Tensor] = {}
+        self.input_grads: Dict[Key, torch.Tensor] = {}
+        self.sums: Dict = {}
+        model = chunks[0]
+        sp = ctx.tp_size if model.config.sequence_parallel else 1
+        mbs = microbatches[0]["tokens"].shape[0]
+        self.shape = (cfg.model.seq_length // sp, mbs, cfg.model.hidden_size)  # [s, b, h]
+        self.dtype = torch.bfloat16 if (bf16 and ctx.device.type == "cuda") else model.config.params_dtype
+
+    def forward(self, a: Action) -> None:
+        key = (a.microbatch, a.chunk, a.partial)
+        model = self.chunks[a.chunk]
+        data = (self.partials if a.partial else self.microbatches)[a.microbatch]
+        x = None
+        if not model.pre_process:
+            x = self.received_fwd.pop(key)
+            if not self.tune_exit:
+                x.requires_grad_(True)
+        with autocast_context(self.ctx, self.bf16):
+            out = model(input_ids=data["tokens"] if model.pre_process else None, hidden_states=x,
+                        labels=data["labels"], loss_mask=data["loss_mask"],
+                        exit_weights=self.exit_weights, skip_final_head=a.partial or self.tune_exit,
+                        frozen_backbone=self.tune_exit)
+        if not a.partial:
+            accumulate_head_losses(self.sums, out)
+        loss = None if out.loss is None else out.loss * self.scale
+        self.inputs[key] = x
+        self.outputs[key] = (out.hidden, loss)
+
+    def backward(self, a: Action) -> None:
+        key = (a.microbatch, a.chunk, a.partial)
+        y, loss = self.outputs.pop(key)
+        x = self.inputs.pop(key)
+        tensors, grads = [], []
+        if loss is not None:
+            tensors.append(loss)
+            grads.append(torch.ones_like(loss))
+        g = self.received_bwd.pop(key, None)
+        if g is not None and not self.tune_exit:
+            tensors.append(y)
+            grads.append(g.to(y.dtype))
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        if x is not None and not self.tune_exit:
+            self.input_grads[key] = x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def communicate(self, batch: Sequence[Action]) -> None:
+        kwargs, recv_keys = {}, {}
+        for a in batch:
+            key = (a.microbatch, a.chunk, a.partial)
+            if a.kind is SEND_FORWARD:
+                kwargs["send_next"] = self.outputs[key][0].detach().to(self.dtype)
+            elif a.kind is SEND_BACKWARD:
+                kwargs["send_prev"] = self.input_grads.pop(key).to(self.dtype)
+            elif a.kind is RECV_FORWARD:
+                kwargs["recv_prev"] = (self.shape, self.dtype)
+                recv_keys["prev"] = key
+            elif a.kind is RECV_BACKWARD:
+                kwargs["recv_next"] = (self.shape, self.dtype)
+                recv_keys["next"] = key
+        from_prev, from_next = self.p2p.exchange(**kwargs)
+        if "prev" in recv_keys:
+            self.received_fwd[recv_keys["prev"]] = from_prev
+        if "next" in recv_keys:
+            self.received_bwd[recv_keys["next"]] = from_next
+
+    def run(self, plan: Sequence[Action]) -> Dict:
+        for step in comm_batches(plan):
+            if isinstance(step, tuple):
+                self.communicate(step)
+            elif step.kind is FORWARD:
+                self.forward(step)
+            elif step.kind is BACKWARD:
+                self.backward(step)
+        assert not self.outputs and not self.received_fwd and not self.received_bwd, "plan left work"
+        return self.sums
+
+
+def forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf16: bool = False,
+                                schedule=None, partial_microbatches: Sequence = ()) -> Dict:
+    """Run one step's forward and backward over ``microbatches`` on this pipeline stage.
+
+    Returns this stage's summed (unscaled) head losses of the full micro-batches.
+    ``partial_microbatches`` supplies the data of the bubble-filling micro-batches.
+    """
+    plan = build_plan(cfg, ctx, len(microbatches), len(chunks), schedule)
+    needed = sum(1 for a in plan if a.partial and a.kind is FORWARD)
+    if needed and len(partial_microbatches) < max(a.microbatch for a in plan if a.partial) + 1:
+        raise ValueError(f"the plan needs partial micro-batches but {len(partial_microbatches)} were given")
+    tune = schedule is not None and schedule.tune_exit
+    runner = _StageRunner(chunks, microbatches, partial_microbatches, cfg, ctx, exit_weights, bf16, tune)
+    return runner.run(plan)
+
+
+def num_partial_microbatches(cfg, schedule, pp_size: int) -> int:
+    """How many partial micro-batches a step with these settings consumes."""
+    return len(fill_plan_depths(cfg, schedule, pp_size)) if pp_size > 1 else 0
+
+
+@torch.no_grad()
+def forward_only_pipelining(chunks, microbatches, cfg, ctx) -> Dict:
+    """Forward every micro-batch through the pipeline (evaluation); returns summed head losses."""
+    runner = _StageRunner(chunks, microbatches, (), cfg, ctx, None, False, tune_exit=True)
+    pp, chunks_n = ctx.pp_size, len(chunks)
+    for mb in range(len(microbatches)):
+        for c in range(chunks_n):
+            first = c == 0 and ctx.pp_rank == 0
+            last = c == chunks_n - 1 and ctx.pp_rank == pp - 1
+            if not first:
+                runner.communicate([Action(RECV_FORWARD, mb, c)])
+            key = (mb, c, False)
+            model = chunks[c]
+            x = None if model.pre_process else runner.received_fwd.pop(key)
+            data = microbatches[mb]
+            out = model(input_ids=data["tokens"] if model.pre_process else None, hidden_states=x,
+                        labels=data["labels"], loss_mask=data["loss_mask"])
+            accumulate_head_losses(runner.sums, out)
+            if not last:
+                runner.outputs[key] = (out.hidden, None)
+                runner.communicate([Action(SEND_FORWARD, mb, c)])
+                runner.outputs.pop(key)
+    return runner.sums
