@@ -27,16 +27,20 @@ CASES = {
 }
 
 
-def make_cfg(arch, exits):
+def make_cfg(arch, exits, recompute=None):
     model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                         ffn_hidden_size=48, vocab_size=48, seq_length=12, architecture=arch)
-    return EarlyExitGPTConfig(model=model, exits=ExitConfig(**exits), params_dtype="float64", seed=7)
+    return EarlyExitGPTConfig(model=model, exits=ExitConfig(**exits), params_dtype="float64", seed=7,
+                              recompute_granularity=recompute)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_losses_match_reference(name, single_rank_parallel):
+@pytest.mark.parametrize("name, recompute", [(n, None) for n in sorted(CASES)]
+                         + [("llama-block-untied", "full"), ("gpt2-pre-exit-temp", "full"),
+                            ("llama-norm-mlp", "selective")])
+def test_losses_match_reference(name, recompute, single_rank_parallel):
+    """Also with activation recompute: exits between recomputed layers keep their gradients."""
     case = CASES[name]
-    cfg = make_cfg(case["arch"], case["exits"])
+    cfg = make_cfg(case["arch"], case["exits"], recompute)
     from megatron.early_exit.parallel.state import build_model, initialize_parallel
 
     ctx = initialize_parallel(cfg, torch.device("cpu"))

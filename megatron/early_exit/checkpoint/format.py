@@ -24,7 +24,6 @@ and what is wrong with it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -231,8 +230,7 @@ _RENAME_EXCHANGE = 2
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100

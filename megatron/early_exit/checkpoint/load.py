@@ -9,8 +9,9 @@ checks the sealed metadata and that every manifest file exists with its recorded
 the model config against the checkpoint's (naming the mismatching field), then for each local
 parameter assembles the full tensor from the saved TP shards of the stage that saved it and
 keeps this rank's slice (read directly when the TP split is unchanged), so TP/PP/DP and
-virtual chunks may all differ from the saving run. Every file it reads is sha256-checked first. The AdamW state is resharded the same way; RNG
-states are restored only when the layout is identical (else a warning). Any problem raises
+virtual chunks may all differ from the saving run. Every file it reads is sha256-checked
+before anything is modified. The AdamW state is resharded the same way; RNG states are
+restored only when the layout is identical (else a warning). Any problem raises
 ``CheckpointError`` on every rank; nothing is modified unless all names and shapes match.
 """
 
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from megatron.early_exit.checkpoint import format as fmt
 from megatron.early_exit.checkpoint.reader import ShardReader
 from megatron.early_exit.checkpoint.rng import restore_rng_state
-from megatron.early_exit.checkpoint.save import _dist_on, global_rank, layout_dict
+from megatron.early_exit.checkpoint.save import dist_ready, global_rank, layout_dict
 from megatron.early_exit.checkpoint.tensors import (load_model_tensors, load_optimizer_state,
                                                     local_params)
 from megatron.early_exit.parallel.sharding import full_shape
@@ -165,7 +166,7 @@ def load_checkpoint(load_dir: str, setup, iteration: Optional[int] = None, load_
         error = e
     message = None if error is None else f"{type(error).__name__}: {error}"
     messages = [message]
-    if _dist_on() and dist.get_world_size() > 1:
+    if dist_ready() and dist.get_world_size() > 1:
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, message)
     if error is not None:

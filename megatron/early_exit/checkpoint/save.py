@@ -37,20 +37,20 @@ from megatron.early_exit.checkpoint.tensors import (local_params, model_payload,
 
 
 # ------------------------------------------------------------------------------ collectives
-def _dist_on() -> bool:
+def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
 def global_rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
+    return dist.get_rank() if dist_ready() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
+    return dist.get_world_size() if dist_ready() else 1
 
 
 def broadcast_object(obj, src: int = 0):
-    if not _dist_on():
+    if not dist_ready():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -58,7 +58,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def gather_objects(obj) -> Optional[list]:
-    if not _dist_on():
+    if not dist_ready():
         return [obj]
     out = [None] * world_size() if global_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
