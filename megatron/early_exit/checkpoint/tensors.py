@@ -111,7 +111,11 @@ def load_model_tensors(params: List[LocalParam], reader, ctx) -> None:
 
 
 def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> None:
-    """Replace ``optimizer``'s per-parameter state by the resharded saved state."""
+    """Replace ``optimizer``'s per-parameter state by the resharded saved state.
+
+    Only the per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``) is loaded; the param
+    groups' hyperparameters stay this run's (its TrainConfig sets lr every iteration). The saved
+    groups are kept in the optim files for reference."""
     order = [q for g in optimizer.param_groups for q in g["params"]]
     index = {id(q): i for i, q in enumerate(order)}
     sd = optimizer.state_dict()

@@ -18,9 +18,9 @@ import torch
 
 def microbatches_for_iteration(dataset, iteration: int, global_batch_size: int,
                                micro_batch_size: int, dp_rank: int, dp_size: int,
-                               device: torch.device) -> List[Dict[str, torch.Tensor]]:
+                               device: torch.device, start: int = None) -> List[Dict[str, torch.Tensor]]:
     per_rank = global_batch_size // dp_size
-    start = iteration * global_batch_size + dp_rank * per_rank
+    start = (iteration * global_batch_size if start is None else start) + dp_rank * per_rank
     items = [dataset[(start + j) % len(dataset)] for j in range(per_rank)]
     out = []
     for k in range(0, per_rank, micro_batch_size):

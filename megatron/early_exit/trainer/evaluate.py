@@ -23,7 +23,7 @@ def evaluate(setup, valid_dataset) -> Dict:
     sums: Dict = {}
     count = 0
     for it in range(t.eval_iters):
-        microbatches = setup.microbatches(valid_dataset, it)
+        microbatches, _ = setup.microbatches(valid_dataset, it)
         if ctx.pp_size == 1:
             (model,) = setup.chunks
             for mb in microbatches:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron.early_exit.config import EarlyExitGPTConfig, TrainConfig
+from megatron.early_exit.config import EarlyExitGPTConfig, ScheduleConfig, TrainConfig
 from megatron.early_exit.trainer.batches import microbatches_for_iteration
 from megatron.early_exit.trainer.schedule import learning_rate
 from megatron.early_exit.trainer.step import StepResult, train_step
@@ -29,12 +29,28 @@ class TrainingSetup:
     chunks: List[torch.nn.Module]
     optimizer: torch.optim.Optimizer
     iteration: int = 0  # iterations completed
-    schedule_kwargs: Optional[dict] = None  # pipeline schedule options
+    schedule: Optional[ScheduleConfig] = None  # pipeline schedule options
 
-    def microbatches(self, dataset, iteration: int):
-        t = self.train
-        return microbatches_for_iteration(dataset, iteration, t.global_batch_size, t.micro_batch_size,
-                                          self.ctx.dp_rank, self.ctx.dp_size, self.ctx.device)
+    @property
+    def num_partial_microbatches(self) -> int:
+        from megatron.early_exit.parallel.schedule_executor import num_partial_microbatches
+
+        return num_partial_microbatches(self.cfg, self.schedule, self.ctx.pp_size)
+
+    def microbatches(self, dataset, iteration: int, with_partials: bool = False):
+        """This rank's micro-batches of ``iteration``; with bubble filling, also the partial
+        micro-batches' data (read after the global batch, so the full batches never change)."""
+        t, ctx = self.train, self.ctx
+        full = microbatches_for_iteration(dataset, iteration, t.global_batch_size, t.micro_batch_size,
+                                          ctx.dp_rank, ctx.dp_size, ctx.device)
+        k = self.num_partial_microbatches if with_partials else 0
+        if not k:
+            return full, []
+        extra_per_step = k * t.micro_batch_size * ctx.dp_size
+        offset = t.train_iters * t.global_batch_size  # a disjoint stretch of the dataset
+        partial = microbatches_for_iteration(dataset, 0, extra_per_step, t.micro_batch_size, ctx.dp_rank,
+                                             ctx.dp_size, ctx.device, start=offset + iteration * extra_per_step)
+        return full, partial
 
 
 def set_learning_rate(setup: TrainingSetup, iteration: int) -> float:
@@ -56,9 +72,10 @@ def train(setup: TrainingSetup, train_dataset, valid_dataset=None,
         it = setup.iteration
         lr = set_learning_rate(setup, it)
         start = time.perf_counter()
-        result: StepResult = train_step(setup.chunks, setup.optimizer, setup.microbatches(train_dataset, it),
-                                        setup.ctx, setup.cfg, iteration=it, clip_grad=t.clip_grad,
-                                        bf16=t.bf16, **(setup.schedule_kwargs or {}))
+        full, partial = setup.microbatches(train_dataset, it, with_partials=True)
+        result: StepResult = train_step(setup.chunks, setup.optimizer, full, setup.ctx, setup.cfg,
+                                        iteration=it, clip_grad=t.clip_grad, bf16=t.bf16,
+                                        schedule=setup.schedule, partial_microbatches=partial)
         elapsed = time.perf_counter() - start
         setup.iteration = it + 1
         if setup.iteration % t.log_interval == 0 or setup.iteration == t.train_iters:

@@ -91,6 +91,8 @@ def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16=False, *
     if ctx.pp_size == 1 and schedule is not None and schedule.tune_exit:
         return forward_backward_tune_exit_single(chunks, microbatches, exit_weights, bf16, ctx)
     if ctx.pp_size == 1:
+        if schedule_kwargs.get("partial_microbatches"):
+            raise ValueError("partial micro-batches need --pipeline-model-parallel-size > 1")
         return forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16, ctx)
     from megatron.early_exit.parallel.schedule_executor import forward_backward_pipelining
 
