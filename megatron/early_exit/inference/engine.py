@@ -134,7 +134,8 @@ class Session:
                                   getattr(mode, "confidence", "max_prob"))
         self.states = {r: RowState(newest=len(p) - 1) for r, p in enumerate(self.prompts)}
         self.last = [p[-1] for p in self.prompts]  # newest token id per row
-        self.live: List[int] = list(range(B))
+        self.live: List[int] = list(range(B))  # rows still generating, in batch order
+        self.finished = [False] * B
         self.prefilled = False
         self.stats = {"passes": 0, "drafted": 0, "accepted": 0}
         self._batch_params: Dict[tuple, BatchSamplingParams] = {}
@@ -178,6 +179,7 @@ class Session:
             self.states[r].newest += 1
             self.last[r] = tokens[i]
             new[r] = self.emit(r, [tokens[i]], [res.exit_layer[i]], [confs[i]])
+        self.drop_finished()
         return new
 
     # ------------------------------------------------------------------ helpers for modes
@@ -218,8 +220,11 @@ class Session:
         out.extend(tokens[:n], layers[:n], confs[:n])
         if res.stopped:
             out.finish_reason, out.text_len = res.finish_reason, res.text_len
-            self.live.remove(row)
+            self.finished[row] = True
         return list(tokens[:n])
+
+    def drop_finished(self) -> None:
+        self.live = [r for r in self.live if not self.finished[r]]
 
     def _exit_points(self, mode):
         """(exit points of every pass, extra cache positions a cycle may use)."""

@@ -1,0 +1,132 @@
+"""The pretraining job behind ``pretrain_early_exit_gpt.py``: flags -> configs -> model,
+optimizer, data -> resume -> train -> checkpoint.
+
+Launch with torchrun (any TP x PP x DP; gloo on CPU, NCCL on GPU) or as a plain process:
+
+    torchrun --nproc-per-node 2 pretrain_early_exit_gpt.py --pipeline-model-parallel-size 2 ...
+    python pretrain_early_exit_gpt.py --num-layers 4 ... --data-path data/shakespeare_text_document
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.arguments import Configs, configs_from_args, parse_args
+
+# Flags that define the model; --use-checkpoint-args takes these from the checkpoint.
+MODEL_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "seq_length", "max_position_embeddings", "architecture", "normalization", "swiglu",
+              "position_embedding_type", "disable_bias_linear", "untie_embeddings_and_output_weights",
+              "rotary_base", "norm_epsilon", "exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp",
+              "use_exit_block", "untie_exit_output_weights", "tokenizer_type", "make_vocab_size_divisible_by")
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun world (or make a world of one) and pick this rank's device."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def apply_checkpoint_args(args) -> None:
+    """--use-checkpoint-args: model-defining flags come from the checkpoint in --load."""
+    from megatron.early_exit.checkpoint.load import read_checkpoint_metadata
+
+    if not args.load:
+        raise SystemExit("--use-checkpoint-args needs --load")
+    saved = read_checkpoint_metadata(args.load, args.load_iteration).get("args") or {}
+    for name in MODEL_ARGS:
+        if name in saved:
+            setattr(args, name, saved[name])
+
+
+def build_tokenizer_for(args):
+    from megatron.early_exit.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                           tokenizer_model=args.tokenizer_model)
+
+
+def build_setup(configs: Configs, device: torch.device):
+    from megatron.early_exit.parallel.state import build_model, initialize_parallel
+    from megatron.early_exit.trainer.loop import TrainingSetup
+    from megatron.early_exit.trainer.optimizer import build_optimizer
+    from megatron.early_exit.trainer.tune import check_tunable, freeze_backbone
+
+    ctx = initialize_parallel(configs.model, device)
+    torch.manual_seed(configs.model.seed + 100 * ctx.pp_rank + ctx.tp_rank)
+    chunks = build_model(configs.model, ctx)
+    if configs.schedule.tune_exit:
+        check_tunable(configs.model)
+        freeze_backbone(chunks)
+    t = configs.train
+    optimizer = build_optimizer(chunks, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
+    return TrainingSetup(configs.model, t, ctx, chunks, optimizer, schedule=configs.schedule)
+
+
+def build_data(configs: Configs, setup, tokenizer):
+    from megatron.early_exit.data.gpt_data import build_gpt_datasets
+
+    t = configs.train
+    extra = setup.num_partial_microbatches * t.micro_batch_size * setup.ctx.dp_size
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
+    sizes = (t.train_iters * (t.global_batch_size + extra), evals * t.eval_iters * t.global_batch_size,
+             t.eval_iters * t.global_batch_size)
+    return build_gpt_datasets(configs.run, configs.model.model.seq_length, configs.model.seed, tokenizer, sizes)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    from megatron.early_exit.checkpoint.load import checkpoint_exists, load_checkpoint
+    from megatron.early_exit.checkpoint.save import save_checkpoint
+    from megatron.early_exit.data.tokenizers import pad_vocab_size
+    from megatron.early_exit.trainer.loop import evaluate_and_log, train
+    from megatron.early_exit.trainer.metrics_log import TrainingLogger
+
+    args = parse_args(argv)
+    device = init_distributed()
+    if args.use_checkpoint_args:
+        apply_checkpoint_args(args)
+    tokenizer = build_tokenizer_for(args)
+    vocab = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                           args.tensor_model_parallel_size)
+    configs = configs_from_args(args, dist.get_world_size(), vocab)
+    setup = build_setup(configs, device)
+    run = configs.run
+    if run.load and checkpoint_exists(run.load):
+        tuning = configs.schedule.tune_exit
+        meta = load_checkpoint(run.load, setup, run.load_iteration, load_optimizer=not tuning,
+                               load_rng=not tuning, strict=not tuning)
+        if tuning:
+            setup.iteration = 0
+        if dist.get_rank() == 0:
+            print(f"loaded checkpoint {run.load} at iteration {meta['iteration']}", flush=True)
+    train_ds, valid_ds, _ = build_data(configs, setup, tokenizer)
+    logger = TrainingLogger(run.log_json, run.tensorboard_dir, dist.get_rank(), dist.get_world_size())
+
+    def save(s):
+        save_checkpoint(run.save, s, args=vars(args),
+                        extra={"consumed_samples": s.iteration * s.train.global_batch_size},
+                        tokenizer_files=tokenizer.files())
+
+    train(setup, train_ds, valid_ds, logger, save_fn=save if run.save else None,
+          save_interval=run.save_interval)
+    if run.save and (not run.save_interval or setup.iteration % run.save_interval):
+        save(setup)
+    result = evaluate_and_log(setup, valid_ds, logger) if valid_ds is not None and setup.train.eval_iters else {}
+    return result
