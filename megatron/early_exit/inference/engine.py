@@ -173,7 +173,7 @@ class Session:
 
     def _single_token_step(self, rows, res) -> Dict[int, List[int]]:
         tokens = self.draw(res.logits, rows)[0].tolist()
-        confs = res.confidence.float().tolist()
+        confs = res.confidence.tolist()
         new = {}
         for i, r in enumerate(rows):
             self.states[r].newest += 1

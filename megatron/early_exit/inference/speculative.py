@@ -20,7 +20,7 @@ KV cache stays exact for the next cycle.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -35,59 +35,79 @@ def speculative_step(sess) -> Dict[int, List[int]]:
     """One draft-verify-accept cycle of every live row of ``sess`` (an engine Session)."""
     mode, cfg = sess.mode, sess.cfg
     rows = list(sess.live)
-    start = {r: sess.states[r].newest for r in rows}
-    drafts, confs, probs = _draft(sess, rows)
+    start = [sess.states[r].newest for r in rows]
+    drafts = _draft(sess, rows)
     block = sess.engine.model.exits[str(mode.exit_layer)].block is not None
     keep_block = [ExitPoint(exit_depth(cfg, mode.exit_layer), mode.exit_layer, None)] if block else []
     res = sess.runner.run(rows, sess.states, sess.token_ids(rows), keep_block, all_final=True)
     sess.stats["passes"] += 1
-    m = [len(drafts[r]) for r in rows]
-    target = _per_row_slots(res.final_all, res.final_layout.s, m)  # [b, k+1, V]
-    n_acc, nxt = _accept(sess, rows, drafts, probs, target, m)
+    target = _per_row_slots(res.final_all, res.final_layout.s, drafts.lengths)  # [b, k+1, V]
+    n_acc, nxt = _accept(sess, rows, drafts, target)  # [b], [b]
     fin_conf = torch.softmax(target.float(), dim=-1).amax(-1)  # [b, k+1]
-    fin_conf = fin_conf.gather(1, n_acc[:, None]).squeeze(1)
+    fin_conf = fin_conf.gather(1, n_acc[:, None]).squeeze(1)  # [b]
     n_acc, nxt, fin_conf = n_acc.tolist(), nxt.tolist(), fin_conf.tolist()
-    lengths = [start[r] + n + 1 for r, n in zip(rows, n_acc)]
+    tok_l, conf_l = drafts.tokens.tolist(), drafts.conf.tolist()
+    lengths = [p + n + 1 for p, n in zip(start, n_acc)]
     sess.cache.truncate(rows, lengths)
-    new = {}
-    L = cfg.model.num_layers
+    new, L, e = {}, cfg.model.num_layers, mode.exit_layer
     for i, r in enumerate(rows):
         n = n_acc[i]
         sess.states[r].rollback(lengths[i])
         sess.last[r] = nxt[i]
-        sess.stats["drafted"] += m[i]
+        sess.stats["drafted"] += drafts.lengths[i]
         sess.stats["accepted"] += n
-        new[r] = sess.emit(r, drafts[r][:n] + [nxt[i]], [mode.exit_layer] * n + [L],
-                           confs[r][:n] + [fin_conf[i]])
+        new[r] = sess.emit(r, tok_l[i][:n] + [nxt[i]], [e] * n + [L], conf_l[i][:n] + [fin_conf[i]])
+    sess.drop_finished()
     return new
 
 
-def _draft(sess, rows):
-    """Draft up to k tokens per row; returns per-row tokens, confidences, probs ([V] each)."""
+class _Drafts:
+    """Draft tokens [b, k], their confidences [b, k] and sampled distributions [b, k, V]."""
+
+    def __init__(self, b: int, k: int, device):
+        self.tokens = torch.zeros(b, k, dtype=torch.int64, device=device)
+        self.conf = torch.zeros(b, k, dtype=torch.float32, device=device)
+        self.probs: Optional[torch.Tensor] = None  # allocated on the first sampled draft
+        self.lengths = [0] * b
+
+    def add(self, u: List[int], j: int, tok, conf, probs) -> None:
+        """Draft j (0-based) of the rows at batch indices u."""
+        u_t = torch.tensor(u, dtype=torch.int64, device=tok.device)
+        self.tokens[:, j].index_copy_(0, u_t, tok)
+        self.conf[:, j].index_copy_(0, u_t, conf.float())
+        if probs is not None:
+            if self.probs is None:
+                b, k = self.tokens.shape
+                self.probs = probs.new_zeros(b, k, probs.shape[-1])
+            self.probs[:, j].index_copy_(0, u_t, probs)
+        for i in u:
+            self.lengths[i] += 1
+
+
+def _draft(sess, rows) -> _Drafts:
+    """Draft up to k tokens per row with the drafting exit (rows stop independently)."""
     mode = sess.mode
     ep = [ExitPoint(exit_depth(sess.cfg, mode.exit_layer), mode.exit_layer, None, force=True)]
-    limit = {r: min(mode.num_draft, sess.remaining(r) - 1) for r in rows}
-    drafts = {r: [] for r in rows}
-    confs = {r: [] for r in rows}
-    probs = {r: [] for r in rows}
-    active = [r for r in rows if limit[r] > 0]
+    limit = [min(mode.num_draft, sess.remaining(r) - 1) for r in rows]
+    drafts = _Drafts(len(rows), max(max(limit), 0), sess.engine.device)
+    active = [i for i in range(len(rows)) if limit[i] > 0]  # batch indices into rows
+    j = 0
     while active:
-        res = sess.runner.run(active, sess.states, sess.token_ids(active), ep)
+        act_rows = [rows[i] for i in active]
+        res = sess.runner.run(act_rows, sess.states, sess.token_ids(act_rows), ep)
         sess.stats["passes"] += 1
-        tok, q = sess.draw(res.logits, active)  # [b], [b, V] or None
-        tok_l, conf_l = tok.tolist(), res.confidence.float().tolist()
+        tok, q = sess.draw(res.logits, act_rows)  # [b_a], [b_a, V] or None
+        drafts.add(active, j, tok, res.confidence, q)
+        tok_l, conf_l = tok.tolist(), res.confidence.tolist()
         still = []
-        for i, r in enumerate(active):
+        for a, i in enumerate(active):
+            r = rows[i]
             sess.states[r].newest += 1
-            sess.last[r] = tok_l[i]
-            drafts[r].append(tok_l[i])
-            confs[r].append(conf_l[i])
-            if q is not None:
-                probs[r].append(q[i])
-            if len(drafts[r]) < limit[r] and conf_l[i] >= mode.draft_threshold:
-                still.append(r)
-        active = still
-    return drafts, confs, probs
+            sess.last[r] = tok_l[a]
+            if j + 1 < limit[i] and conf_l[a] >= mode.draft_threshold:
+                still.append(i)
+        active, j = still, j + 1
+    return drafts
 
 
 def _per_row_slots(final_all: torch.Tensor, s: int, m: List[int]) -> torch.Tensor:
@@ -100,20 +120,14 @@ def _per_row_slots(final_all: torch.Tensor, s: int, m: List[int]) -> torch.Tenso
     return final_all[idx, cols]  # [b, k+1, V]
 
 
-def _accept(sess, rows, drafts, probs, target, m):
+def _accept(sess, rows, drafts: _Drafts, target: torch.Tensor):
     """-> accepted drafts [b] and the next token [b] per row."""
     b, k1, V = target.shape
-    dev = target.device
-    draft_t = torch.zeros(b, k1 - 1, dtype=torch.int64, device=dev)
-    for i, r in enumerate(rows):
-        if drafts[r]:
-            draft_t[i, : len(drafts[r])] = torch.tensor(drafts[r], dtype=torch.int64, device=dev)
-    lengths = torch.tensor(m, dtype=torch.int64, device=dev)
+    draft_t = drafts.tokens[:, : k1 - 1]  # [b, k]
+    lengths = torch.tensor(drafts.lengths, dtype=torch.int64, device=target.device)
     if sess.all_greedy(rows):
         return speculative_accept_greedy(draft_t, target, lengths)
     p = processed_probs(target.reshape(b * k1, V), sess.row_params(rows, repeat=k1))
-    q = torch.zeros(b, k1 - 1, V, dtype=p.dtype, device=dev)
-    for i, r in enumerate(rows):
-        if probs[r]:
-            q[i, : len(probs[r])] = torch.stack(probs[r]).to(p.dtype)
-    return speculative_accept(draft_t, q, p.view(b, k1, V), sess.generator, lengths)
+    q = drafts.probs if drafts.probs is not None else p.new_zeros(b, k1 - 1, V)
+    return speculative_accept(draft_t, q[:, : k1 - 1].to(p.dtype), p.view(b, k1, V),
+                              sess.generator, lengths)

@@ -128,5 +128,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
           save_interval=run.save_interval)
     if run.save and (not run.save_interval or setup.iteration % run.save_interval):
         save(setup)
-    result = evaluate_and_log(setup, valid_ds, logger) if valid_ds is not None and setup.train.eval_iters else {}
-    return result
+    t = setup.train
+    evaluated = t.eval_interval and setup.iteration % t.eval_interval == 0
+    if valid_ds is not None and t.eval_iters and not evaluated:
+        return evaluate_and_log(setup, valid_ds, logger)
+    return {}
