@@ -17,6 +17,7 @@ losses locally.
 
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -137,24 +138,33 @@ class _StageRunner:
         if "next" in recv_keys:
             self.received_bwd[recv_keys["next"]] = from_next
 
-    def run(self, plan: Sequence[Action]) -> Dict:
+    def run(self, plan: Sequence[Action], timeline: Optional[list] = None) -> Dict:
         for step in comm_batches(plan):
+            start = time.perf_counter()
             if isinstance(step, tuple):
                 self.communicate(step)
             elif step.kind is FORWARD:
                 self.forward(step)
             elif step.kind is BACKWARD:
                 self.backward(step)
+            if timeline is not None and not isinstance(step, tuple):
+                timeline.append({"stage": self.ctx.pp_rank, "kind": step.kind.value, "microbatch": step.microbatch,
+                                 "chunk": step.chunk, "partial": step.partial, "start": start,
+                                 "end": time.perf_counter()})
         assert not self.outputs and not self.received_fwd and not self.received_bwd, "plan left work"
         return self.sums
 
 
 def forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf16: bool = False,
-                                schedule=None, partial_microbatches: Sequence = ()) -> Dict:
+                                schedule=None, partial_microbatches: Sequence = (),
+                                timeline: Optional[list] = None) -> Dict:
     """Run one step's forward and backward over ``microbatches`` on this pipeline stage.
 
     Returns this stage's summed (unscaled) head losses of the full micro-batches.
-    ``partial_microbatches`` supplies the data of the bubble-filling micro-batches.
+    ``partial_microbatches`` supplies the data of the bubble-filling micro-batches. A list passed
+    as ``timeline`` receives one record per compute action (stage, kind, microbatch, chunk,
+    partial, start, end in ``time.perf_counter`` seconds), the input of
+    ``tools/plot_pipeline_schedule.py --measured``.
     """
     plan = build_plan(cfg, ctx, len(microbatches), len(chunks), schedule)
     needed = sum(1 for a in plan if a.partial and a.kind is FORWARD)
@@ -162,7 +172,7 @@ def forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf
         raise ValueError(f"the plan needs partial micro-batches but {len(partial_microbatches)} were given")
     tune = schedule is not None and schedule.tune_exit
     runner = _StageRunner(chunks, microbatches, partial_microbatches, cfg, ctx, exit_weights, bf16, tune)
-    return runner.run(plan)
+    return runner.run(plan, timeline)
 
 
 def num_partial_microbatches(cfg, schedule, pp_size: int) -> int:
