@@ -9,7 +9,8 @@
 
 ``--data-path`` takes prefixes written by ``tools/preprocess_data.py``, optionally weighted
 (``W1 P1 W2 P2 ...``: blended in those proportions). ``--split`` divides each corpus's
-documents into train / valid / test; a split whose weight is 0 comes back as ``None``.
+documents into train / valid / test; a split whose weight is 0, or for which no samples are
+asked, comes back as ``None``.
 megatron-core's ``GPTDataset`` packs documents (each ending in eod, see ``--append-eod``) into
 ``seq_length + 1``-token windows in a seeded shuffled order and ``BlendedDataset`` mixes
 corpora; their index files are cached in ``--data-cache-path`` (default ``.cache`` beside the
@@ -180,6 +181,8 @@ def build_gpt_datasets(run_cfg, seq_length: int, seed: int, tokenizer: Tokenizer
         tokenizer=MegatronTokenizerAdapter(tokenizer), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
     _check_splits(config, prefixes, sizes)
+    # a split asked for no samples is not built (megatron would loop forever on an empty one)
+    config.split_matrix = [None if n == 0 else b for b, n in zip(config.split_matrix, sizes)]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True),
                                             config)
     with _rank_available():

@@ -119,10 +119,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
     train_ds, valid_ds, _ = build_data(configs, setup, tokenizer)
     logger = TrainingLogger(run.log_json, run.tensorboard_dir, dist.get_rank(), dist.get_world_size())
 
+    tokenizer_dir = None
+    if run.save:  # the tokenizer's files and descriptor travel with every checkpoint
+        from megatron.early_exit.data.tokenizers import save_tokenizer_files
+
+        tokenizer_dir = os.path.join(run.save, ".tokenizer")
+        if dist.get_rank() == 0:
+            save_tokenizer_files(tokenizer, tokenizer_dir)
+        dist.barrier()
+
     def save(s):
         save_checkpoint(run.save, s, args=vars(args),
                         extra={"consumed_samples": s.iteration * s.train.global_batch_size},
-                        tokenizer_files=tokenizer.files())
+                        tokenizer_files=[tokenizer_dir])
 
     train(setup, train_ds, valid_ds, logger, save_fn=save if run.save else None,
           save_interval=run.save_interval)

@@ -1,0 +1,68 @@
+"""Load a checkpoint for inference: model config and tokenizer come from the checkpoint, so
+``--load DIR`` alone is enough (any checkpoint of pretrain_early_exit_gpt.py or the tools).
+
+    model, cfg, tokenizer = load_for_inference("ckpt", device=torch.device("cpu"))
+
+The checkpoint's full (canonical) tensors are sliced for this rank's tensor-parallel layout
+(``tensor_parallel`` ranks must already be initialised for TP > 1; PP = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.config import ParallelConfig
+
+
+def ensure_process_group() -> None:
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+@torch.no_grad()
+def load_model_weights(model, full_state: dict, tp_rank: int, tp_size: int) -> None:
+    from megatron.early_exit.parallel.sharding import canonical_names, shard, shard_spec
+
+    names = canonical_names(model)
+    missing = [n for n in names.values() if n not in full_state]
+    if missing:
+        raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for local, param in model.named_parameters():
+        spec = shard_spec(local, param, model.cfg.model.swiglu)
+        param.copy_(shard(full_state[names[local]], spec, tp_rank, tp_size).to(param.dtype))
+
+
+def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[int] = None,
+                       tensor_model_parallel_size: int = 1, dtype: Optional[str] = None):
+    """(model, cfg, tokenizer) from a checkpoint directory; model in eval mode on ``device``."""
+    from megatron.early_exit.checkpoint.load import (checkpoint_tokenizer_files, config_from_dict,
+                                                     load_full_state)
+    from megatron.early_exit.data.tokenizers import tokenizer_from_directory
+    from megatron.early_exit.parallel.state import build_model, initialize_parallel
+
+    ensure_process_group()
+    config, full_state = load_full_state(load_dir, iteration)
+    cfg = config_from_dict(config)
+    parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
+                              world_size=dist.get_world_size())
+    cfg = dataclasses.replace(cfg, parallel=parallel, recompute_granularity=None,
+                              params_dtype=dtype or cfg.params_dtype)
+    ctx = initialize_parallel(cfg, device)
+    (model,) = build_model(cfg, ctx)
+    load_model_weights(model, full_state, ctx.tp_rank, ctx.tp_size)
+    model.eval()
+    files = checkpoint_tokenizer_files(load_dir, iteration)
+    tokenizer = tokenizer_from_directory(os.path.dirname(files[0])) if files else None
+    return model, cfg, tokenizer
