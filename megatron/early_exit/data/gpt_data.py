@@ -111,11 +111,21 @@ def _check_prefixes(prefixes: Sequence[str]) -> None:
                               f"tools/preprocess_data.py)")
 
 
-def _check_splits(config, prefixes: Sequence[str], sizes: Sequence[Optional[int]]) -> None:
+def _check_corpora(config, prefixes: Sequence[str], sizes: Sequence[Optional[int]]) -> None:
+    """Every split that wants samples has documents; the first documents' ids fit the
+    tokenizer (a cheap guard against data preprocessed with another tokenizer)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    vocab_size = config.tokenizer.vocab_size
     for prefix in prefixes:
-        n = len(IndexedDataset(prefix).sequence_lengths)
+        corpus = IndexedDataset(prefix)
+        n = len(corpus.sequence_lengths)
+        top = max((int(corpus[i].max()) for i in range(min(n, 4)) if len(corpus[i])), default=0)
+        if top >= vocab_size:
+            raise ConfigError(f"--data-path {prefix} holds id {top}, outside the vocabulary "
+                              f"({vocab_size}) of --tokenizer-type "
+                              f"{config.tokenizer.unique_identifiers['tokenizer_type']}: was it "
+                              f"preprocessed with another tokenizer?")
         for name, bounds, size in zip(("train", "valid", "test"), config.split_matrix, sizes):
             if bounds is None or size == 0:
                 continue
@@ -180,7 +190,7 @@ def build_gpt_datasets(run_cfg, seq_length: int, seed: int, tokenizer: Tokenizer
         path_to_cache=default_cache_path(prefixes, run_cfg.data_cache_path),
         tokenizer=MegatronTokenizerAdapter(tokenizer), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
-    _check_splits(config, prefixes, sizes)
+    _check_corpora(config, prefixes, sizes)
     # a split asked for no samples is not built (megatron would loop forever on an empty one)
     config.split_matrix = [None if n == 0 else b for b, n in zip(config.split_matrix, sizes)]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True),

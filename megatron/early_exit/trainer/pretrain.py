@@ -86,8 +86,8 @@ def build_data(configs: Configs, setup, tokenizer):
     t = configs.train
     extra = setup.num_partial_microbatches * t.micro_batch_size * setup.ctx.dp_size
     evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 1
-    sizes = (t.train_iters * (t.global_batch_size + extra), evals * t.eval_iters * t.global_batch_size,
-             t.eval_iters * t.global_batch_size)
+    # no test samples: the test split is never read during training
+    sizes = (t.train_iters * (t.global_batch_size + extra), evals * t.eval_iters * t.global_batch_size, 0)
     return build_gpt_datasets(configs.run, configs.model.model.seq_length, configs.model.seed, tokenizer, sizes)
 
 

@@ -1,0 +1,116 @@
+"""Generate text from an early-exit checkpoint: `--load` alone is enough (config and tokenizer
+come from the checkpoint).
+
+    python tools/generate.py --load ckpt --prompt "ROMEO:" --tokens-to-generate 64 --early-exit-thres 0.8
+    python tools/generate.py --load ckpt --prompt-file prompts.txt --self-speculative --draft-exit 2 --json
+
+Without ``--json`` each token is printed coloured by the layer whose head produced it (on a
+terminal), followed by the exit-layer histogram; with ``--json`` one JSON object per prompt per
+line: text, tokens, exit_layers, confidences, finish_reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+COLOURS = ["\033[31m", "\033[33m", "\033[32m", "\033[36m", "\033[34m", "\033[35m"]
+RESET = "\033[0m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with early exit from a checkpoint.")
+    p.add_argument("--load", required=True, help="Checkpoint directory (pretrain_early_exit_gpt.py --save).")
+    p.add_argument("--load-iteration", type=int, help="Iteration to load (default: latest).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="One prompt.")
+    src.add_argument("--prompt-file", help="A file with one prompt per line.")
+    p.add_argument("--tokens-to-generate", type=int, default=64, help="Max new tokens per prompt.")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
+    p.add_argument("--top-k", type=int, default=0, help="Top-k sampling (0: off).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling (1: off).")
+    p.add_argument("--seed", type=int, help="Sampling seed.")
+    p.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--early-exit-thres", type=float, help="Confidence threshold tau for early exit.")
+    mode.add_argument("--no-early-exit", action="store_true", help="Full-depth decoding.")
+    mode.add_argument("--self-speculative", action="store_true", help="Lossless self-speculative decoding.")
+    p.add_argument("--exit-layers", type=int, nargs="*", help="Exits allowed to fire (default: all).")
+    p.add_argument("--draft-exit", type=int, help="Exit layer that drafts (--self-speculative).")
+    p.add_argument("--draft-length", type=int, default=4, help="Max draft tokens per cycle.")
+    p.add_argument("--draft-threshold", type=float, default=0.0, help="Stop drafting below this confidence.")
+    p.add_argument("--json", action="store_true", help="One JSON object per prompt per line.")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
+    return p
+
+
+def make_mode(args, cfg):
+    from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
+
+    if args.self_speculative:
+        layer = args.draft_exit or (cfg.exits.exit_layer_nums[0] if cfg.exits.exit_layer_nums else None)
+        if layer is None:
+            raise SystemExit("--self-speculative needs a model with exits (--draft-exit)")
+        return SelfSpeculative(exit_layer=layer, num_draft=args.draft_length,
+                               draft_threshold=args.draft_threshold)
+    if args.no_early_exit or args.early_exit_thres is None:
+        return FullDepth()
+    return EarlyExit(threshold=args.early_exit_thres,
+                     exit_layers=tuple(args.exit_layers) if args.exit_layers else None)
+
+
+def render(tokenizer, out, num_layers: int, colour: bool) -> str:
+    if not colour:
+        return tokenizer.detokenize(out.tokens)
+    layers = sorted(set(out.exit_layers) | {num_layers})
+    pieces = []
+    for tok, layer in zip(out.tokens, out.exit_layers):
+        c = COLOURS[layers.index(layer) % len(COLOURS)] if layer != num_layers else ""
+        pieces.append(c + tokenizer.detokenize([tok]) + (RESET if c else ""))
+    return "".join(pieces)
+
+
+def main(argv=None) -> list:
+    import torch
+
+    from megatron.early_exit.inference.engine import Engine
+    from megatron.early_exit.inference.loading import load_for_inference
+    from megatron.early_exit.inference.sampling import SamplingParams
+    from megatron.early_exit.inference.stopping import StopCriteria
+
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, tokenizer = load_for_inference(args.load, device, args.load_iteration)
+    if tokenizer is None:
+        raise SystemExit(f"{args.load} holds no tokenizer files; re-save it with pretrain_early_exit_gpt.py")
+    prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
+    prompts = [p for p in prompts if p]
+    ids = [tokenizer.tokenize(p) for p in prompts]
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stop = StopCriteria(stop_token_ids=frozenset({tokenizer.eod}), stop_strings=tuple(args.stop))
+    outs = Engine(model, cfg).generate(ids, args.tokens_to_generate, sampling=sampling, stop=stop,
+                                       mode=make_mode(args, cfg), detokenize=tokenizer.detokenize)
+    records = []
+    for prompt, out in zip(prompts, outs):
+        text = tokenizer.detokenize(out.tokens)
+        if out.text_len is not None:
+            text = text[:out.text_len]
+        rec = {"prompt": prompt, "text": text, "tokens": out.tokens, "exit_layers": out.exit_layers,
+               "confidences": [round(c, 6) for c in out.confidences], "finish_reason": out.finish_reason}
+        records.append(rec)
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            print(prompt + render(tokenizer, out, cfg.model.num_layers, sys.stdout.isatty()))
+            hist = Counter(out.exit_layers)
+            print("exit layers: " + ", ".join(f"{k}: {hist[k]}" for k in sorted(hist)), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
