@@ -1,0 +1,53 @@
+"""Tensor parallelism: every TP rank runs the same engine on the same inputs and seed and gets
+the same tokens as a single process (the initialisation does not depend on the layout, and
+logits are gathered over TP before any decision). One 2-rank gloo spawn runs every mode.
+
+Marked slow (two spawned interpreters import megatron-core: ~20 s of CPU); run it with
+``python -m pytest -q tests/unit/test_engine_tp.py``.
+"""
+
+import pytest
+import torch
+
+from tests.distributed_harness import run_distributed
+
+MODES = ("full", "early-exit", "speculative", "sampled")
+PROMPTS = [[1, 5, 9, 2], [7], [3, 3, 8, 40, 11, 6, 2]]
+
+
+def _generate(tp: int):
+    from megatron.early_exit.config import ParallelConfig
+    from megatron.early_exit.inference.engine import Engine
+    from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
+    from megatron.early_exit.inference.sampling import SamplingParams
+    from tests.unit.engine_testlib import build, make_cfg
+
+    cfg = make_cfg("llama-block", seed=5)
+    cfg.parallel = ParallelConfig(tensor_model_parallel_size=tp, world_size=tp)
+    engine = Engine(build(cfg, sharpen=8.0), cfg)
+    greedy = SamplingParams(temperature=0.0)
+    runs = {
+        "full": (FullDepth(), greedy),
+        "early-exit": (EarlyExit(threshold=0.7, max_pending=3), greedy),
+        "speculative": (SelfSpeculative(exit_layer=1, num_draft=3), greedy),
+        "sampled": (SelfSpeculative(exit_layer=3, num_draft=2), SamplingParams(0.9, top_k=8, seed=3)),
+    }
+    out = {}
+    for name in MODES:
+        mode, sampling = runs[name]
+        res = engine.generate(PROMPTS, 10, sampling=sampling, mode=mode)
+        out[name] = [(o.tokens, o.exit_layers) for o in res]
+    return out
+
+
+def _tp_rank(rank, world_size):
+    return _generate(world_size)
+
+
+@pytest.mark.slow
+def test_tp2_ranks_match_single_process(single_rank_parallel):
+    single = _generate(1)
+    assert any(layer < 4 for name in ("early-exit",) for _, ls in single[name] for layer in ls)
+    ranks = run_distributed(_tp_rank, 2)
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == single
