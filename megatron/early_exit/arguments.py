@@ -13,18 +13,18 @@ import argparse
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron.early_exit.config import (EarlyExitGPTConfig, ExitConfig, ModelConfig, ParallelConfig,
+from megatron.early_exit.config import (ConfigError, EarlyExitGPTConfig, ExitConfig, ModelConfig, ParallelConfig,
                                         RunConfig, ScheduleConfig, TrainConfig)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True, help="Number of transformer layers.")
-    g.add_argument("--hidden-size", type=int, required=True, help="Hidden size.")
+    g.add_argument("--num-layers", type=int, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, help="Hidden size.")
     g.add_argument("--ffn-hidden-size", type=int, help="MLP hidden size (default 4 x hidden).")
-    g.add_argument("--num-attention-heads", type=int, required=True, help="Attention heads.")
+    g.add_argument("--num-attention-heads", type=int, help="Attention heads.")
     g.add_argument("--num-query-groups", type=int, help="Key/value heads for GQA (default: heads).")
-    g.add_argument("--seq-length", type=int, required=True, help="Training sequence length.")
+    g.add_argument("--seq-length", type=int, help="Training sequence length.")
     g.add_argument("--max-position-embeddings", type=int, help="Max positions (default: seq length).")
     g.add_argument("--architecture", choices=["llama", "gpt2"], default="llama",
                    help="Preset: llama (RMSNorm, SwiGLU, RoPE, no bias, untied) or gpt2.")
@@ -132,7 +132,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="Take model arguments from the checkpoint in --load.")
     g.add_argument("--tensorboard-dir", help="Write TensorBoard scalars here.")
     g.add_argument("--log-json", help="Append one JSON object per logged iteration to this file.")
-    g.add_argument("--no-progress-bar", action="store_true", help="Plain log lines only.")
+    g.add_argument("--peak-tflops", type=float,
+                   help="Peak TFLOP/s of one device, to log model FLOPs utilisation (mfu).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +158,12 @@ class Configs:
 
 def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -> Configs:
     """Translate parsed flags into validated configs; ``vocab_size`` is already padded."""
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(a, flag) is None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is required (or --use-checkpoint-args with --load)")
+    if a.tune_exit_pipeline_parallel_size is not None:
+        raise ConfigError("--tune-exit-pipeline-parallel-size is not supported yet: run --tune-exit with "
+                          "the full --pipeline-model-parallel-size (stages after the last exit stay idle)")
     model = ModelConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         vocab_size=vocab_size, ffn_hidden_size=a.ffn_hidden_size, num_query_groups=a.num_query_groups,

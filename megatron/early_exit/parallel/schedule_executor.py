@@ -37,6 +37,9 @@ def fill_plan_depths(cfg, schedule, pp_size: int) -> List[int]:
     """Depths of the partial micro-batches for ``--fill-explicit-bubbles`` (empty if off)."""
     if schedule is None or not schedule.fill_explicit_bubbles:
         return []
+    if cfg.parallel.virtual_chunks(cfg.model) > 1:
+        raise ValueError("--fill-explicit-bubbles works with 1F1B only, not with "
+                         "--num-layers-per-virtual-pipeline-stage")
     stages = exit_stages(cfg)
     if not stages:
         raise ValueError("--fill-explicit-bubbles needs --exit-layer-nums")

@@ -105,6 +105,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     tokenizer = build_tokenizer_for(args)
     vocab = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                            args.tensor_model_parallel_size)
+    if args.use_checkpoint_args:  # keep the checkpoint's padded vocabulary, whatever the new TP
+        from megatron.early_exit.checkpoint.load import read_checkpoint_metadata
+
+        vocab = read_checkpoint_metadata(args.load, args.load_iteration)["config"]["model"]["vocab_size"]
     configs = configs_from_args(args, dist.get_world_size(), vocab)
     setup = build_setup(configs, device)
     run = configs.run
@@ -117,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if dist.get_rank() == 0:
             print(f"loaded checkpoint {run.load} at iteration {meta['iteration']}", flush=True)
     train_ds, valid_ds, _ = build_data(configs, setup, tokenizer)
-    logger = TrainingLogger(run.log_json, run.tensorboard_dir, dist.get_rank(), dist.get_world_size())
+    logger = TrainingLogger(run.log_json, run.tensorboard_dir, dist.get_rank(), dist.get_world_size(),
+                            peak_tflops=args.peak_tflops)
 
     tokenizer_dir = None
     if run.save:  # the tokenizer's files and descriptor travel with every checkpoint
