@@ -1,0 +1,178 @@
+"""Decoding benchmark: full depth vs confidence-based early exit vs self-speculative decoding.
+
+Builds a small early-exit GPT, trains it briefly on a synthetic language (half the tokens follow
+a fixed bigram, half depend on the last token and the one three back, 10% noise: shallow exits get the easy
+half right and are confident there), then decodes the same prompts greedily in every mode at
+batch 1 and batch 8 and prints tokens/s, speedup over full depth, mean exit layer, agreement
+with the full model's greedy tokens (position by position) and the draft acceptance rate.
+
+    PYTHONPATH=. python benchmarks/decode.py                    # CPU, about a minute idle
+    PYTHONPATH=. python benchmarks/decode.py --device cuda --hidden 1024 --layers 16
+
+Single process (PP=1, TP=1); the engine is megatron/early_exit/inference/engine.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig
+from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
+from megatron.early_exit.parallel.state import build_model, initialize_parallel
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--exits", default="2,4,6", help="exit layer numbers")
+    p.add_argument("--train-steps", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--taus", default="1.0,0.9,0.8,0.6,0.4")
+    p.add_argument("--spec-exits", default="2,4", help="drafting exits for self-speculative")
+    p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many timed runs")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args()
+
+
+def synthetic(gen: torch.Generator, b: int, s: int, vocab: int, device) -> torch.Tensor:
+    """[b, s + 1] token ids of the synthetic language."""
+    g = torch.Generator().manual_seed(123)
+    perm1, perm2 = torch.randperm(vocab, generator=g), torch.randperm(vocab, generator=g)
+    x = torch.zeros(b, s + 1, dtype=torch.int64)
+    x[:, :2] = torch.randint(0, vocab, (b, 2), generator=gen)
+    for i in range(2, s + 1):
+        t, back = x[:, i - 1], x[:, max(i - 3, 0)]
+        nxt = torch.where(t < vocab // 2, perm1[t], perm2[(t + back) % vocab])
+        noise = torch.rand(b, generator=gen) < 0.1
+        x[:, i] = torch.where(noise, torch.randint(0, vocab, (b,), generator=gen), nxt)
+    return x.to(device)
+
+
+def build(args):
+    m = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                    vocab_size=args.vocab, seq_length=256, ffn_hidden_size=4 * args.hidden)
+    exits = ExitConfig(exit_layer_nums=[int(x) for x in args.exits.split(",")], use_exit_norm=True)
+    cfg = EarlyExitGPTConfig(model=m, exits=exits, params_dtype=args.dtype, seed=args.seed)
+    ctx = initialize_parallel(cfg, torch.device(args.device))
+    (model,) = build_model(cfg, ctx)
+    return cfg, model
+
+
+def train(model, args, device) -> float:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    loss = None
+    for step in range(args.train_steps):
+        x = synthetic(gen, 8, 48, args.vocab, device)
+        out = model(input_ids=x[:, :-1], labels=x[:, 1:],
+                    loss_mask=torch.ones(x[:, 1:].shape, device=device))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        loss = out.final_loss.item()
+    model.eval()
+    return loss
+
+
+def timed(engine, prompts, batch, new_tokens, mode, repeats):
+    """Generate for all prompts in batches of ``batch``, ``repeats`` times.
+
+    -> (outputs, best wall seconds, drafted, accepted). Each step reads the new tokens to the
+    host, so the device is synchronised when a generation returns.
+    """
+    best = float("inf")
+    for _ in range(repeats):
+        outs, drafted, accepted = [], 0, 0
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            sess = engine.session(prompts[i:i + batch], new_tokens, mode=mode)
+            with sess.attached():
+                while not sess.done:
+                    sess.step()
+            outs += sess.outputs
+            drafted, accepted = drafted + sess.stats["drafted"], accepted + sess.stats["accepted"]
+        best = min(best, time.perf_counter() - start)
+    return outs, best, drafted, accepted
+
+
+def run_modes(engine, prompts, batch, args):
+    """Every mode, timed round-robin ``repeats`` times (best run kept): background load then
+    affects all modes alike."""
+    modes = [("full", FullDepth())]
+    modes += [(f"early-exit tau={t}", EarlyExit(threshold=float(t))) for t in args.taus.split(",")]
+    modes += [(f"self-spec exit={e} k={args.num_draft}", SelfSpeculative(int(e), args.num_draft))
+              for e in args.spec_exits.split(",")]
+    timed(engine, prompts[:batch], batch, 4, FullDepth(), 1)  # warm-up
+    best = {name: None for name, _ in modes}
+    for _ in range(args.repeats):
+        for name, mode in modes:
+            res = timed(engine, prompts, batch, args.new_tokens, mode, 1)
+            if best[name] is None or res[1] < best[name][1]:
+                best[name] = res
+    rows, ref, base = [], None, None
+    for name, _ in modes:
+        outs, secs, drafted, accepted = best[name]
+        toks = sum(len(o.tokens) for o in outs)
+        if ref is None:
+            ref, base = outs, toks / secs
+        agree = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o.tokens, r.tokens)) / toks
+        layers = [x for o in outs for x in o.exit_layers]
+        acc = f"{accepted / drafted:.2f}" if drafted else "-"
+        rows.append((batch, name, toks / secs, toks / secs / base, sum(layers) / len(layers),
+                     agree, acc))
+    return rows
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    device = torch.device(args.device)
+    cfg, model = build(args)
+    t0 = time.perf_counter()
+    loss = train(model, args, device)
+    print(f"model: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, exits {args.exits}, "
+          f"{args.dtype} on {device}; trained {args.train_steps} steps in "
+          f"{time.perf_counter() - t0:.1f}s (final LM loss {loss:.3f})")
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    lens = torch.randint(8, 25, (args.prompts,), generator=gen).tolist()
+    prompts = [synthetic(gen, 1, n - 1, args.vocab, "cpu")[0].tolist() for n in lens]
+    engine = Engine(model, cfg)
+    rows = []
+    with torch.no_grad():
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            rows += run_modes(engine, prompts, batch, args)
+    print(f"\n{len(prompts)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats} "
+          f"runs; agree = fraction of tokens equal to full-depth greedy at the same position; "
+          f"accept = accepted / drafted tokens\n")
+    head = f"{'batch':>5}  {'mode':<26} {'tok/s':>9} {'speedup':>8} {'mean exit':>10} {'agree':>6} {'accept':>7}"
+    print(head)
+    print("-" * len(head))
+    for batch, name, tps, speed, mean_exit, agree, acc in rows:
+        print(f"{batch:>5}  {name:<26} {tps:>9.1f} {speed:>7.2f}x {mean_exit:>10.2f} {agree:>6.2f} {acc:>7}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
