@@ -1,10 +1,11 @@
 """Decoding benchmark: full depth vs confidence-based early exit vs self-speculative decoding.
 
-Builds a small early-exit GPT, trains it briefly on a synthetic language (half the tokens follow
-a fixed bigram, half depend on the last token and the one three back, 10% noise: shallow exits get the easy
-half right and are confident there), then decodes the same prompts greedily in every mode at
-batch 1 and batch 8 and prints tokens/s, speedup over full depth, mean exit layer, agreement
-with the full model's greedy tokens (position by position) and the draft acceptance rate.
+Builds a small early-exit GPT, trains it briefly on a synthetic language (half the tokens
+follow a fixed bigram, half depend on the last token and the one three back, 10% noise: shallow
+exits get the easy half right and are confident there), then decodes the same prompts greedily
+in every mode at batch 1 and batch 8 and prints tokens/s, speedup over full depth, mean exit
+layer, agreement with the full model's greedy tokens (position by position) and the draft
+acceptance rate. Modes are timed round-robin, best of ``--repeats`` runs.
 
     PYTHONPATH=. python benchmarks/decode.py                    # CPU, about a minute idle
     PYTHONPATH=. python benchmarks/decode.py --device cuda --hidden 1024 --layers 16

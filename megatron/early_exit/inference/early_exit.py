@@ -9,14 +9,14 @@ pending token joins the pass at its own depth, so the pass carries at layer ``j`
 positions whose KV layer ``j`` lacks: every layer's cache stays a prefix of the row and, after
 a pass that reaches the final head, equals a fresh prefill over the same ids (DESIGN §5).
 
-Exit rule (:class:`ExitPoint`): the exit after layer ``k`` (post-exit: depth ``k``; ``--pre-exit``:
-depth ``k-1``) computes confidence c (max softmax probability of its logits over the full
-vocabulary, or the top-1 minus top-2 margin) of the newest token and the row leaves the pass
-when ``c >= threshold``; callers never pass a threshold >= 1, so tau = 1.0 never exits. A row in
-``capped`` (too many pending tokens) still takes its token from the first exit that fires (so
-outputs do not depend on the cap) but stays in the pass to full depth, which fills the deep
-KV of all its pending tokens. An exit with ``threshold=None`` only runs its
-exit block, whose own KV cache must see every token that reaches that depth.
+Exit rule (:class:`ExitPoint`): the exit after layer ``k`` (post-exit: depth ``k``;
+``--pre-exit``: depth ``k-1``) computes the confidence c of the newest token (max softmax
+probability of its logits over the full vocabulary, or the top-1 minus top-2 margin) and the
+row leaves the pass when ``c >= threshold``; callers never pass a threshold >= 1, so tau = 1.0
+never exits. A row in ``capped`` (too many pending tokens) still takes its token from the first
+exit that fires (outputs do not depend on the cap) but stays in the pass to full depth, which
+fills the deep KV of all its pending tokens. An exit with ``threshold=None`` only runs its exit
+block, whose own KV cache must see every token that reaches that depth.
 
 Rows that exit leave the deeper layers (the pass continues on the remaining rows only).
 In-flight tensors are end-aligned (see kv_cache.py): the newest token is always slot -1.
@@ -152,9 +152,11 @@ class DepthRunner:
             self.cache.layout = lay
             x = self.model.run_layer(d, x, self._rotary(lay))  # [s, b_a, h]
             self.token_layers += sum(lay.counts)
-        if lay is not None:
-            logits = self._gather(self.model.final_logits(x if all_final else x[-1:]))
-            idx = [i for i, r in enumerate(lay.rows_list) if r not in out.decided]
+        rows_left = [] if lay is None else lay.rows_list
+        idx = [i for i, r in enumerate(rows_left) if r not in out.decided]
+        if idx or (all_final and rows_left):
+            src = x if all_final else x[-1:]
+            logits = self._gather(self.model.final_logits(src))  # [s or 1, b_a, V]
             if idx:
                 last = logits[-1, idx]  # [n, V]
                 out.record(lay.rows_list, idx, last, self._confidence(last), L, {})
@@ -270,4 +272,5 @@ class _Collector:
         self.depth.update(depths)
 
     def result(self) -> PassResult:
-        return PassResult(self.logits, self.conf, self.exit_layer, self.final_all, self.final_layout)
+        return PassResult(self.logits, self.conf, self.exit_layer, self.final_all,
+                          self.final_layout)

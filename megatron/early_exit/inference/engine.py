@@ -18,7 +18,8 @@ Modes (modes.py): ``FullDepth``, ``EarlyExit`` (confidence exits with KV recompu
 early_exit.py), ``SelfSpeculative`` (speculative.py). Batches of prompts with different lengths
 share one static KV cache (kv_cache.py) in which every row sits at its true positions; the
 in-flight tensors of a pass are left-padded so every row's newest token is the last slot.
-Rows that finish (stop id / string / length) drop out of later passes.
+Rows that finish (stop id / string / length) drop out of later passes. An engine serves one
+session at a time (sessions share its static cache).
 
 Extension point, pipeline parallelism: a PP>1 engine provides a runner with the same
 ``prefill`` / ``run`` contract as ``early_exit.DepthRunner`` (stage 0 embeds and sends the exited
@@ -46,6 +47,7 @@ from megatron.early_exit.inference.stopping import StopChecker, StopCriteria
 __all__ = ["Engine", "Session"]
 
 Sampling = Union[SamplingParams, Sequence[SamplingParams]]
+GREEDY = SamplingParams(temperature=0.0)
 
 
 class Engine:
@@ -83,21 +85,23 @@ class Engine:
         return self._cache
 
     def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                sampling: Sampling = SamplingParams(temperature=0.0),
-                stop: Optional[StopCriteria] = None, mode=FullDepth(),
+                sampling: Sampling = GREEDY, stop: Optional[StopCriteria] = None, mode=FullDepth(),
                 detokenize: Optional[Callable[[List[int]], str]] = None) -> "Session":
+        """A step-by-step generation (use ``with session.attached(): session.step()``)."""
         return Session(self, prompts, max_new_tokens, sampling, stop, mode, detokenize)
 
-    def stream(self, prompts, max_new_tokens, sampling: Sampling = SamplingParams(temperature=0.0),
-               stop=None, mode=FullDepth(), detokenize=None) -> Iterator[Dict[int, List[int]]]:
-        """Yield {row: new token ids} after every step; ``.outputs`` of the session at the end."""
+    def stream(self, prompts, max_new_tokens, sampling: Sampling = GREEDY, stop=None,
+               mode=FullDepth(), detokenize=None) -> Iterator[Dict[int, List[int]]]:
+        """Yield {row: kept new token ids} after every step (for exit layers and confidences
+        drive a ``session`` directly and read its ``outputs``)."""
         sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
         with sess.attached():
             while not sess.done:
                 yield sess.step()
 
-    def generate(self, prompts, max_new_tokens, sampling: Sampling = SamplingParams(temperature=0.0),
-                 stop=None, mode=FullDepth(), detokenize=None) -> List[GenerationOutput]:
+    def generate(self, prompts, max_new_tokens, sampling: Sampling = GREEDY, stop=None,
+                 mode=FullDepth(), detokenize=None) -> List[GenerationOutput]:
+        """Generate for every prompt; one GenerationOutput per prompt, in order."""
         sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
         with sess.attached():
             while not sess.done:
@@ -111,14 +115,19 @@ class Session:
     def __init__(self, engine: Engine, prompts, max_new_tokens, sampling, stop, mode, detokenize):
         self.engine, self.cfg, self.mode = engine, engine.cfg, mode
         self.prompts = _check_prompts(prompts, self.cfg.model.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        n = max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not isinstance(mode, Mode):
             raise TypeError(f"mode must be FullDepth, EarlyExit or SelfSpeculative, got {mode!r}")
         B = len(self.prompts)
         self.params = _row_params(sampling, B)
-        seed = self.params[0].seed
-        self.generator = engine.generator if seed is None else self.params[0].make_generator(engine.device)
+        # One generator per batch: the first row's seed, else the engine's own (seeded once
+        # with cfg.seed, so TP ranks that serve the same requests stay in step).
+        first = self.params[0]
+        self.generator = engine.generator
+        if first.seed is not None:
+            self.generator = first.make_generator(engine.device)
         stop = stop or StopCriteria()
         limit = min(max_new_tokens, stop.max_new_tokens or max_new_tokens)
         crit = dataclasses.replace(stop, max_new_tokens=limit)
@@ -153,6 +162,8 @@ class Session:
 
     def step(self) -> Dict[int, List[int]]:
         """Prefill, or one decoding step of every live row; returns the kept new tokens."""
+        if self.done:
+            return {}
         if not self.prefilled:
             self.prefilled = True
             rows = list(self.live)
@@ -166,13 +177,14 @@ class Session:
         rows = list(self.live)
         capped = []
         if isinstance(self.mode, EarlyExit):
-            capped = [r for r in rows if len(self.states[r].pend) >= self.mode.max_pending]
+            cap = self.mode.max_pending
+            capped = [r for r in rows if len(self.states[r].pend) >= cap]
         res = self.runner.run(rows, self.states, self.token_ids(rows), self.exits, capped)
         self.stats["passes"] += 1
         return self._single_token_step(rows, res)
 
     def _single_token_step(self, rows, res) -> Dict[int, List[int]]:
-        tokens = self.draw(res.logits, rows)[0].tolist()
+        tokens = sample(res.logits, self.row_params(rows), self.generator).tolist()
         confs = res.confidence.tolist()
         new = {}
         for i, r in enumerate(rows):
@@ -184,7 +196,8 @@ class Session:
 
     # ------------------------------------------------------------------ helpers for modes
     def token_ids(self, rows: Sequence[int]) -> torch.Tensor:  # [b_u]
-        return torch.tensor([self.last[r] for r in rows], dtype=torch.int64, device=self.engine.device)
+        ids = [self.last[r] for r in rows]
+        return torch.tensor(ids, dtype=torch.int64, device=self.engine.device)
 
     def remaining(self, row: int) -> int:
         return self.checkers[row].criteria.max_new_tokens - self.checkers[row].num_generated
@@ -204,7 +217,8 @@ class Session:
         return all(self.params[r].greedy for r in rows)
 
     def draw(self, logits: torch.Tensor, rows):
-        """logits [b, V] -> (tokens [b], processed probs [b, V] or None when all greedy)."""
+        """logits [b, V] -> (tokens [b], the distribution they were drawn from [b, V], or None
+        when every row is greedy)."""
         params = self.row_params(rows)
         if self.all_greedy(rows):
             return logits.argmax(dim=-1), None
@@ -233,7 +247,11 @@ class Session:
         if isinstance(mode, SelfSpeculative):
             if mode.exit_layer not in layers:
                 raise ValueError(f"exit_layer {mode.exit_layer} is not an exit ({layers})")
-            return [ExitPoint(exit_depth(cfg, mode.exit_layer), mode.exit_layer, None)], mode.num_draft
+            depth = exit_depth(cfg, mode.exit_layer)
+            if depth >= cfg.model.num_layers:
+                raise ValueError(f"exit_layer {mode.exit_layer} reads the last layer's output: "
+                                 "nothing would be left to verify the drafts with")
+            return [ExitPoint(depth, mode.exit_layer, None)], mode.num_draft
         if not isinstance(mode, EarlyExit) or mode.threshold >= 1.0:
             return [], 0  # tau = 1.0 never exits: exactly the full-depth computation
         allowed = layers if mode.exit_layers is None else mode.exit_layers

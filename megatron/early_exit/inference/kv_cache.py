@@ -106,7 +106,7 @@ class KVCache:
              num_groups: int, head_dim: int, dtype: torch.dtype) -> bool:
         """Whether this cache can serve a request of this shape (so it can be reused)."""
         return ([id(m) for m in modules] == [id(m) for m in self.modules]
-                and batch <= self.batch and max_len <= self.max_len
+                and batch == self.batch and max_len <= self.max_len
                 and self.k.shape[3:] == (num_groups, head_dim) and self.k.dtype == dtype)
 
     def reset(self) -> None:
@@ -142,7 +142,8 @@ class KVCache:
         cur = self.lengths.index_select(1, r)  # [n_modules, len(rows)]
         self.lengths.index_copy_(1, r, torch.minimum(cur, n[None, :]))
 
-    def module_kv(self, module: torch.nn.Module, row: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def module_kv(self, module: torch.nn.Module, row: int,
+                  n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [n, ng, hn] of positions [0, n) of ``row`` in ``module``."""
         i = self.index[id(module)]
         return self.k[i, :n, row], self.v[i, :n, row]

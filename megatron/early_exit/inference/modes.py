@@ -10,8 +10,10 @@ Confidence is the max softmax probability of an exit's logits over the full voca
 temperature 1 (``confidence="margin"``: top-1 minus top-2 probability). A token exits at the
 first allowed exit with ``c >= threshold``, and only when ``threshold < 1``: ``threshold = 1.0``
 never exits (float32 softmax can round to exactly 1.0), so it reproduces ``FullDepth`` token for
-token. ``max_pending`` caps the tokens a row may hold without deep KV; a row at the cap runs its
-next token at full depth, which fills every pending token's KV.
+token. The first generated token always comes from the final head (the prompt runs at full
+depth anyway). ``max_pending`` caps the tokens a row may hold without deep KV; a row at the
+cap runs its next token to full depth, which fills every pending token's KV, but still takes
+that token from the first confident exit: the cap changes speed, never the output.
 """
 
 from __future__ import annotations

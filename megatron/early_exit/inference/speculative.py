@@ -4,8 +4,9 @@ One cycle per engine step, batched over the live rows:
 
 1. Draft: each row runs its newest token through layers ``1..d_e`` only (``d_e`` = depth of
    the drafting exit ``e``) and takes a draft token from exit ``e``; repeat up to ``k`` times
-   (fewer when a draft's confidence < ``draft_threshold``, or near the token limit). Drafted
-   tokens stay *pending* at depth ``d_e`` with their hidden states cached there (early_exit.py).
+   (fewer near the token limit, or when a draft's confidence < ``draft_threshold``: that draft
+   is still verified, drafting stops after it). Drafted tokens stay *pending* at depth
+   ``d_e`` with their hidden states cached there (early_exit.py).
 2. Verify: one pass over the last draft from layer 1 while every pending draft joins at layer
    ``d_e + 1`` from its cached hidden state; the final head's logits at the ``m + 1`` positions
    are the target distributions of the ``m`` drafts plus a bonus position.
@@ -38,7 +39,8 @@ def speculative_step(sess) -> Dict[int, List[int]]:
     start = [sess.states[r].newest for r in rows]
     drafts = _draft(sess, rows)
     block = sess.engine.model.exits[str(mode.exit_layer)].block is not None
-    keep_block = [ExitPoint(exit_depth(cfg, mode.exit_layer), mode.exit_layer, None)] if block else []
+    depth = exit_depth(cfg, mode.exit_layer)
+    keep_block = [ExitPoint(depth, mode.exit_layer, None)] if block else []
     res = sess.runner.run(rows, sess.states, sess.token_ids(rows), keep_block, all_final=True)
     sess.stats["passes"] += 1
     target = _per_row_slots(res.final_all, res.final_layout.s, drafts.lengths)  # [b, k+1, V]
