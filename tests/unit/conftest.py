@@ -15,8 +15,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def single_rank_parallel():
-    """A world of one gloo rank; megatron's parallel state is torn down afterwards."""
-    if not dist.is_initialized():
+    """A world of one gloo rank; megatron's parallel state and the process group are torn down
+    afterwards, so every test starts from a clean state."""
+    created = not dist.is_initialized()
+    if created:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
@@ -24,3 +26,5 @@ def single_rank_parallel():
     from megatron.early_exit.parallel.state import destroy_parallel
 
     destroy_parallel()
+    if created and dist.is_initialized():
+        dist.destroy_process_group()

@@ -132,7 +132,8 @@ class EarlyExitGPTModel(MegatronModule):
         m = self.cfg.model
         if m.position_embedding_type != "rope":
             return None
-        return rotary_freqs(positions, m.head_dim, m.rotary_base)
+        dtype = torch.float64 if self.config.params_dtype == torch.float64 else torch.float32
+        return rotary_freqs(positions, m.head_dim, m.rotary_base, dtype)
 
     def run_layer(self, index: int, hidden: torch.Tensor, rotary) -> torch.Tensor:
         """Apply local layer ``index`` ([s, b, h] -> [s, b, h]), recomputed if configured."""

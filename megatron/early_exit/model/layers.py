@@ -95,7 +95,8 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # [sq, b, np*hn]
 
 
-def rotary_freqs(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+def rotary_freqs(positions: torch.Tensor, head_dim: int, base: float,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """RoPE angles as megatron-core expects them: positions ``[s]`` -> ``[s, 1, 1, hn]``, or
     per-row positions ``[s, b]`` -> ``[s, b, 1, hn]`` (broadcast over heads).
 
@@ -104,7 +105,7 @@ def rotary_freqs(positions: torch.Tensor, head_dim: int, base: float) -> torch.T
     device = positions.device
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
     angles = positions.to(torch.float64)[..., None] * inv_freq  # [s, (b,) hn/2]
-    emb = torch.cat([angles, angles], dim=-1).float()  # [s, (b,) hn]
+    emb = torch.cat([angles, angles], dim=-1).to(dtype)  # [s, (b,) hn]
     return emb[:, None, None, :] if positions.dim() == 1 else emb[:, :, None, :]
 
 

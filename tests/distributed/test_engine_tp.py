@@ -3,7 +3,7 @@ the same tokens as a single process (the initialisation does not depend on the l
 logits are gathered over TP before any decision). One 2-rank gloo spawn runs every mode.
 
 Marked slow (two spawned interpreters import megatron-core: ~20 s of CPU); run it with
-``python -m pytest -q tests/unit/test_engine_tp.py``.
+``python -m pytest -q tests/distributed/test_engine_tp.py``.
 """
 
 import pytest
