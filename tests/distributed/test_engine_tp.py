@@ -7,7 +7,6 @@ Marked slow (two spawned interpreters import megatron-core: ~20 s of CPU); run i
 """
 
 import pytest
-import torch
 
 from tests.distributed_harness import run_distributed
 

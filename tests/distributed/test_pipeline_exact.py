@@ -7,7 +7,6 @@ copies). One 4-rank spawn runs (TP,PP,DP) = (1,4,1), (2,2,1), (1,2,2) and PP=4 w
 filling; one 2-rank spawn runs (1,2,1), interleaved (virtual) PP=2 and exit tuning.
 """
 
-import pytest
 import torch
 
 from tests.distributed.pipeline_scenarios import (gather_grads, make_cfg, microbatch, reference_objective,

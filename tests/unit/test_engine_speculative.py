@@ -14,7 +14,7 @@ from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.inference.modes import FullDepth, SelfSpeculative
 from megatron.early_exit.inference.sampling import SamplingParams, processed_probs
 from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig
-from tests.unit.engine_testlib import VARIANTS, build, make_cfg, random_prompts, trained
+from tests.unit.engine_testlib import VARIANTS, build, random_prompts, trained
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

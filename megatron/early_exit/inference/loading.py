@@ -19,18 +19,6 @@ import torch.distributed as dist
 from megatron.early_exit.config import ParallelConfig
 
 
-def ensure_process_group() -> None:
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 @torch.no_grad()
 def load_model_weights(model, full_state: dict, tp_rank: int, tp_size: int) -> None:
     from megatron.early_exit.parallel.sharding import canonical_names, shard, shard_spec
@@ -50,7 +38,7 @@ def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[
     from megatron.early_exit.checkpoint.load import (checkpoint_tokenizer_files, config_from_dict,
                                                      load_full_state)
     from megatron.early_exit.data.tokenizers import tokenizer_from_directory
-    from megatron.early_exit.parallel.state import build_model, initialize_parallel
+    from megatron.early_exit.parallel.state import build_model, ensure_process_group, initialize_parallel
 
     ensure_process_group()
     config, full_state = load_full_state(load_dir, iteration)

@@ -13,6 +13,8 @@ initialises them deterministically (model/init.py).
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -49,6 +51,19 @@ class ParallelContext:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
+
+
+def ensure_process_group(backend: Optional[str] = None) -> None:
+    """Join the torchrun world from its environment, or make a world of one on a free port."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
 def initialize_parallel(cfg: EarlyExitGPTConfig, device: torch.device) -> ParallelContext:

@@ -10,7 +10,6 @@ Launch with torchrun (any TP x PP x DP; gloo on CPU, NCCL on GPU) or as a plain 
 from __future__ import annotations
 
 import os
-import socket
 from typing import List, Optional
 
 import torch
@@ -28,17 +27,11 @@ MODEL_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 
 def init_distributed() -> torch.device:
     """Join the torchrun world (or make a world of one) and pick this rank's device."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    from megatron.early_exit.parallel.state import ensure_process_group
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    ensure_process_group()
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
