@@ -78,6 +78,8 @@ def train(setup: TrainingSetup, train_dataset, valid_dataset=None,
                                         schedule=setup.schedule, partial_microbatches=partial)
         elapsed = time.perf_counter() - start
         setup.iteration = it + 1
+        if logger is not None:
+            logger.on_step(setup)
         if setup.iteration % t.log_interval == 0 or setup.iteration == t.train_iters:
             record = {"iteration": setup.iteration, "lm_loss": result.lm_loss,
                       "exit_losses": {str(k): v for k, v in result.exit_losses.items()},

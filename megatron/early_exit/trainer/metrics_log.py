@@ -69,6 +69,20 @@ class TrainingLogger:
             self.writer = SummaryWriter(tensorboard_dir)
         if self.log_json:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_json)), exist_ok=True)
+        self.bar = None  # a tqdm progress bar when writing to a terminal and tqdm is installed
+
+    def on_step(self, setup) -> None:
+        """Advance the progress bar (terminal only; logs and CI get plain lines)."""
+        if not self.enabled or not getattr(self.stream, "isatty", lambda: False)():
+            return
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=setup.train.train_iters, initial=setup.iteration - 1, unit="it",
+                            file=self.stream, dynamic_ncols=True)
+        self.bar.update(1)
 
     def _emit(self, record: Dict) -> None:
         if self.log_json:
@@ -95,10 +109,9 @@ class TrainingLogger:
         self._emit(record)
         exits = " ".join(f"exit{k}={v:.4f}(w={record['exit_weights'][k]:.2f})"
                          for k, v in record["exit_losses"].items())
-        print(f"iter {record['iteration']:>6}/{setup.train.train_iters} | lm loss {record['lm_loss']:.4f} | "
+        self._write(f"iter {record['iteration']:>6}/{setup.train.train_iters} | lm loss {record['lm_loss']:.4f} | "
               f"{exits} | grad norm {record['grad_norm']:.3f} | lr {record['lr']:.3e} | "
-              f"{record['tokens_per_sec']:.0f} tok/s | {record['tflops_per_gpu']:.3f} TFLOP/s/rank",
-              file=self.stream, flush=True)
+              f"{record['tokens_per_sec']:.0f} tok/s | {record['tflops_per_gpu']:.3f} TFLOP/s/rank")
 
     def log_eval(self, result: Dict, setup) -> None:
         if not self.enabled:
@@ -106,8 +119,19 @@ class TrainingLogger:
         self._emit({"kind": "eval", **result})
         exits = " ".join(f"exit{k}={v:.4f}(ppl {result['exit_ppl'][k]:.2f})"
                          for k, v in result["exit_losses"].items())
-        print(f"validation at iter {result['iteration']} | lm loss {result['lm_loss']:.4f} "
-              f"(ppl {result['lm_ppl']:.2f}) | {exits}", file=self.stream, flush=True)
+        self._write(f"validation at iter {result['iteration']} | lm loss {result['lm_loss']:.4f} "
+                    f"(ppl {result['lm_ppl']:.2f}) | {exits}")
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _memory_gb(device) -> float:

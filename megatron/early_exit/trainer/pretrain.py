@@ -133,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     train(setup, train_ds, valid_ds, logger, save_fn=save if run.save else None,
           save_interval=run.save_interval)
+    logger.close()
     if run.save and (not run.save_interval or setup.iteration % run.save_interval):
         save(setup)
     t = setup.train
