@@ -71,3 +71,22 @@ def test_losses_match_reference(name, recompute, single_rank_parallel):
     assert set(grads) == set(sd), "every parameter of the model must receive a gradient"
     for key, ref in sd.items():
         torch.testing.assert_close(grads[key], ref.grad, rtol=1e-6, atol=1e-10, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_explicit_position_ids_match_default_and_matter(arch, single_rank_parallel):
+    cfg = make_cfg(arch, dict(exit_layer_nums=[1]))
+    from megatron.early_exit.parallel.state import build_model, initialize_parallel
+
+    ctx = initialize_parallel(cfg, torch.device("cpu"))
+    (model,) = build_model(cfg, ctx)
+    ids = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(1))
+    default = model(input_ids=ids, return_logits=True).final_logits
+    pos = torch.arange(12)[None, :].expand(2, 12)
+    same = model(input_ids=ids, position_ids=pos, return_logits=True).final_logits
+    # row 1 repeats position 0 (changes relative distances; RoPE ignores a constant shift)
+    other = torch.stack([torch.arange(12), torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(11)])])
+    changed = model(input_ids=ids, position_ids=other, return_logits=True).final_logits  # [s, b, V]
+    torch.testing.assert_close(same, default, rtol=0, atol=0)
+    torch.testing.assert_close(changed[:, 0], default[:, 0], rtol=0, atol=0)  # row 0 unchanged
+    assert not torch.allclose(changed[2:, 1], default[2:, 1])

@@ -169,6 +169,8 @@ class EarlyExitGPTModel(MegatronModule):
         """Run this stage.
 
         input_ids [b, s] on the first stage, else hidden_states [s, b, h] from the previous one.
+        position_ids [b, s] (default 0..s-1 per row) feed the position embedding or RoPE; with
+        pipeline stages, pass the same position_ids to every stage.
         With labels [b, s], computes the losses of the heads here; ``exit_weights`` are the
         current w_i(t), one per exit of the whole model (default: the config's targets).
         ``skip_final_head``: exits only (partial micro-batches, exit tuning).
@@ -176,15 +178,18 @@ class EarlyExitGPTModel(MegatronModule):
         """
         backbone_grad = torch.no_grad() if frozen_backbone else contextlib.nullcontext()
         if self.pre_process:
-            if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            positions = position_ids
+            if positions is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
             with backbone_grad:
-                hidden = self.embed(input_ids, position_ids)
+                hidden = self.embed(input_ids, positions)
         else:
             hidden = hidden_states
-        sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        positions = torch.arange(hidden.shape[0] * sp, device=hidden.device)  # [s]
-        rotary = self.rotary(positions)
+        if position_ids is not None:  # [b, s] -> per-row RoPE angles [s, b, 1, hn]
+            rotary = self.rotary(position_ids.transpose(0, 1))
+        else:
+            sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
+            rotary = self.rotary(torch.arange(hidden.shape[0] * sp, device=hidden.device))  # [s]
         out = StageOutput()
         terms: List[torch.Tensor] = []
         weights = exit_weights if exit_weights is not None else self.cfg.exits.exit_layer_weight
