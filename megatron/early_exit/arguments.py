@@ -104,6 +104,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0, help="Global grad-norm clip (0: off).")
     g.add_argument("--seed", type=int, default=1234, help="Seed of init, data order and dropout.")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU (fp32 master weights).")
+    g.add_argument("--optimizer-backend", choices=["auto", "megatron", "torch"], default="auto",
+                   help="AdamW implementation: megatron-core's optimizer with DDP grad buffers "
+                        "(GPU only), or torch AdamW with our all-reduces; auto = megatron on CUDA, "
+                        "torch on CPU.")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard the optimizer state over data-parallel ranks (megatron-core's "
+                        "DistributedOptimizer; GPU only).")
     g.add_argument("--fp64", action="store_true", help="float64 parameters (tests, CPU only).")
     g.add_argument("--log-interval", type=int, default=10, help="Iterations between log lines.")
     g.add_argument("--eval-interval", type=int, default=0, help="Iterations between evaluations.")
@@ -199,6 +206,7 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -
         lr_warmup_iters=a.lr_warmup_iters, lr_decay_iters=a.lr_decay_iters,
         weight_decay=a.weight_decay, adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2,
         adam_eps=a.adam_eps, clip_grad=a.clip_grad, bf16=a.bf16, log_interval=a.log_interval,
+        optimizer_backend=a.optimizer_backend, use_distributed_optimizer=a.use_distributed_optimizer,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters)
     train.num_microbatches(parallel.data_parallel_size)  # validates the batch arithmetic
     run = RunConfig(

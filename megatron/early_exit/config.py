@@ -264,6 +264,8 @@ class TrainConfig:
     adam_eps: float = 1e-8  # --adam-eps
     clip_grad: float = 1.0  # --clip-grad (0 disables)
     bf16: bool = False  # --bf16 (autocast on CUDA; fp32 master weights)
+    optimizer_backend: str = "auto"  # --optimizer-backend {auto,megatron,torch}
+    use_distributed_optimizer: bool = False  # --use-distributed-optimizer (megatron backend)
     log_interval: int = 10  # --log-interval
     eval_interval: int = 0  # --eval-interval (0: never)
     eval_iters: int = 10  # --eval-iters
@@ -279,10 +281,22 @@ class TrainConfig:
                  f"--lr-decay-style must be constant, linear or cosine, got {self.lr_decay_style!r}")
         _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _require(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        _require(self.optimizer_backend in ("auto", "megatron", "torch"),
+                 f"--optimizer-backend must be auto, megatron or torch, got {self.optimizer_backend!r}")
+        _require(not (self.use_distributed_optimizer and self.optimizer_backend == "torch"),
+                 "--use-distributed-optimizer is megatron-core's optimizer: it cannot be combined "
+                 "with --optimizer-backend torch")
         _require(self.eval_interval >= 0 and self.eval_iters >= 0,
                  "--eval-interval and --eval-iters must be >= 0")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.train_iters
+
+    def resolved_optimizer_backend(self, device: "torch.device") -> str:
+        """'megatron' or 'torch': auto picks megatron-core's optimizer on CUDA, torch AdamW on
+        CPU (megatron-core's optimizer wrappers allocate on the GPU)."""
+        if self.optimizer_backend != "auto":
+            return self.optimizer_backend
+        return "megatron" if device.type == "cuda" else "torch"
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size

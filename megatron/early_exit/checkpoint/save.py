@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron.early_exit.checkpoint import format as fmt
 from megatron.early_exit.checkpoint.rng import capture_rng_state
 from megatron.early_exit.checkpoint.tensors import (local_params, model_payload, optimizer_payload,
+                                                    saved_optimizer_states,
                                                     tensor_index)
 
 
@@ -106,15 +107,18 @@ def copy_tokenizer_files(dir_path: str, paths: Iterable[str]) -> Dict[str, dict]
     return entries
 
 
-def write_shard_files(dir_path: str, params, optimizer, ctx) -> tuple:
-    """Write this (tp, pp) rank's model (and optimizer) shard; returns (manifest, index)."""
+def write_shard_files(dir_path: str, params, optimizer, ctx, states=None) -> tuple:
+    """Write this (tp, pp) rank's model (and optimizer) shard; returns (manifest, index).
+    ``states``: saved_optimizer_states(params, optimizer), if already gathered."""
     files = {}
     name = fmt.model_file(ctx.tp_rank, ctx.pp_rank)
     size, sha = fmt.write_torch_file(os.path.join(dir_path, name), model_payload(params, ctx))
     files[name] = {"size": size, "sha256": sha}
     if optimizer is not None:
         name = fmt.optim_file(ctx.tp_rank, ctx.pp_rank)
-        payload = optimizer_payload(params, optimizer, ctx)
+        if states is None:
+            states = saved_optimizer_states(params, optimizer)
+        payload = optimizer_payload(params, optimizer, ctx, states)
         size, sha = fmt.write_torch_file(os.path.join(dir_path, name), payload)
         files[name] = {"size": size, "sha256": sha}
     return files, tensor_index(params, ctx)
@@ -125,10 +129,12 @@ def _write_rank(tmp: str, setup, save_optimizer: bool, save_rng: bool, tokenizer
     report = {"rank": global_rank(), "files": {}, "index": {}, "error": None}
     try:
         ctx = setup.ctx
+        params = local_params(setup.chunks, setup.cfg.model.swiglu)
+        opt = setup.optimizer if save_optimizer else None
+        # every DP rank takes part (a sharded optimizer gathers its state), dp_rank 0 writes
+        states = saved_optimizer_states(params, opt) if opt is not None else None
         if ctx.dp_rank == 0:
-            params = local_params(setup.chunks, setup.cfg.model.swiglu)
-            opt = setup.optimizer if save_optimizer else None
-            report["files"], report["index"] = write_shard_files(tmp, params, opt, ctx)
+            report["files"], report["index"] = write_shard_files(tmp, params, opt, ctx, states)
         if save_rng:
             name = fmt.rng_file(global_rank())
             state = dict(capture_rng_state(), layout=layout_dict(setup))

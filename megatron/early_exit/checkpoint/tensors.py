@@ -74,13 +74,27 @@ def tensor_index(params: List[LocalParam], ctx) -> Dict[str, dict]:
             for p in params if not p.is_copy}
 
 
-def optimizer_payload(params: List[LocalParam], optimizer, ctx) -> dict:
+def saved_optimizer_states(params: List[LocalParam], optimizer) -> Dict[int, dict]:
+    """Whole per-parameter states of the saved parameters (collective over DP for a sharded
+    optimizer: every rank calls it, dp_rank 0 writes)."""
+    from megatron.early_exit.trainer.optimizer import full_param_states
+
+    return full_param_states(optimizer, [p.param for p in params if not p.is_copy])
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def optimizer_payload(params: List[LocalParam], optimizer, ctx, states: Dict[int, dict]) -> dict:
     state = {}
     for p in params:
-        if p.is_copy or p.param not in optimizer.state:
+        if p.is_copy or id(p.param) not in states:
             continue
         entry = {}
-        for key, value in optimizer.state[p.param].items():
+        for key, value in states[id(p.param)].items():
             if torch.is_tensor(value):
                 if value.dim() and value.shape != p.param.shape:
                     raise ValueError(f"optimizer state {key!r} of {p.canon} has shape "
@@ -88,7 +102,8 @@ def optimizer_payload(params: List[LocalParam], optimizer, ctx) -> dict:
                 value = _cpu_copy(value)
             entry[key] = value
         state[p.canon] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # hyperparameters for reference (plain values only: megatron's groups carry objects too)
+    groups = [{k: v for k, v in g.items() if k != "params" and _plain(v)} for g in optimizer.param_groups]
     return dict(_header(ctx), state=state, specs={p.canon: spec_dict(p.spec) for p in params
                                                   if not p.is_copy}, param_groups=groups)
 
@@ -116,12 +131,11 @@ def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> No
     Only the per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``) is loaded; the param
     groups' hyperparameters stay this run's (its TrainConfig sets lr every iteration). The saved
     groups are kept in the optim files for reference."""
-    order = [q for g in optimizer.param_groups for q in g["params"]]
-    index = {id(q): i for i, q in enumerate(order)}
-    sd = optimizer.state_dict()
-    state = {}
+    from megatron.early_exit.trainer.optimizer import load_full_param_states
+
+    states = {}
     for p in params:
-        if id(p.param) not in index or not reader.has_state(p.canon):
+        if not p.param.requires_grad or not reader.has_state(p.canon):  # copies: the embedding's
             continue
         entry = reader.state(p.canon, p.spec, ctx)
         for key, value in entry.items():
@@ -129,6 +143,5 @@ def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> No
                 if value.dim():
                     _check_local_shape(p, value, f"optimizer state {key!r}")
                 entry[key] = value.clone()  # own memory, not the memory-mapped file
-        state[index[id(p.param)]] = entry
-    sd["state"] = state
-    optimizer.load_state_dict(sd)  # casts to each parameter's dtype/device ('step' kept as is)
+        states[id(p.param)] = entry
+    load_full_param_states(optimizer, states)

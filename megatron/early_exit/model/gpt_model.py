@@ -98,6 +98,7 @@ class EarlyExitGPTModel(MegatronModule):
             self.word_embeddings_copy = torch.nn.Parameter(
                 torch.empty(local_vocab, m.hidden_size, dtype=config.params_dtype))
             tensor_parallel.set_tensor_model_parallel_attributes(self.word_embeddings_copy, True, 0, 1)
+            self.word_embeddings_copy.shared = True  # megatron-core's grad norm counts it once
         self.output_layer = None
         if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

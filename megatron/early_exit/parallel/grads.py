@@ -41,19 +41,28 @@ def tied_weights(chunks) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def finalize_grads(chunks: Iterable[torch.nn.Module], ctx) -> None:
+def finalize_grads(chunks: Iterable[torch.nn.Module], ctx, grad_attr: str = "grad",
+                   data_parallel: bool = True) -> None:
+    """The three all-reduces above on each parameter's ``grad_attr`` (``"main_grad"`` for
+    megatron-core's DDP buffers, whose own ``finish_grad_sync`` then does the data-parallel part:
+    ``data_parallel=False``; the reductions are sums, so their order does not matter)."""
     chunks = list(chunks)
-    params = [p for m in chunks for p in m.parameters() if p.grad is not None]
+
+    def grad(p):
+        return getattr(p, grad_attr, None)
+
+    params = [p for m in chunks for p in m.parameters() if grad(p) is not None]
     if any(m.config.sequence_parallel for m in chunks):
-        _all_reduce_coalesced([p.grad for p in params if getattr(p, "sequence_parallel", False)],
+        _all_reduce_coalesced([grad(p) for p in params if getattr(p, "sequence_parallel", False)],
                               ctx.tp_group)
-    tied = [w for w in tied_weights(chunks) if w.grad is not None]
+    tied = [grad(w) for w in tied_weights(chunks) if grad(w) is not None]
     if tied and ctx.tied_group is not None:
-        total = torch.stack([w.grad for w in tied]).sum(0)
+        total = torch.stack(tied).sum(0)
         _all_reduce_coalesced([total], ctx.tied_group)
-        for w in tied:
-            w.grad.copy_(total)
-    _all_reduce_coalesced([p.grad for p in params], ctx.dp_group, average=True)
+        for g in tied:
+            g.copy_(total)
+    if data_parallel:
+        _all_reduce_coalesced([grad(p) for p in params], ctx.dp_group, average=True)
 
 
 def grad_norm_params(chunks, ctx) -> List[torch.Tensor]:

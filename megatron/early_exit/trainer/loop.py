@@ -57,7 +57,7 @@ def set_learning_rate(setup: TrainingSetup, iteration: int) -> float:
     t = setup.train
     lr = learning_rate(iteration, t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style)
     for group in setup.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)  # lr_mult: megatron-core's groups
     return lr
 
 

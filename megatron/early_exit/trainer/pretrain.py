@@ -59,7 +59,7 @@ def build_tokenizer_for(args):
 def build_setup(configs: Configs, device: torch.device):
     from megatron.early_exit.parallel.state import build_model, initialize_parallel
     from megatron.early_exit.trainer.loop import TrainingSetup
-    from megatron.early_exit.trainer.optimizer import build_optimizer
+    from megatron.early_exit.trainer.optimizer import build_trainer_optimizer
     from megatron.early_exit.trainer.tune import check_tunable, freeze_backbone
 
     ctx = initialize_parallel(configs.model, device)
@@ -69,7 +69,7 @@ def build_setup(configs: Configs, device: torch.device):
         check_tunable(configs.model)
         freeze_backbone(chunks)
     t = configs.train
-    optimizer = build_optimizer(chunks, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
+    optimizer = build_trainer_optimizer(chunks, ctx, t)
     return TrainingSetup(configs.model, t, ctx, chunks, optimizer, schedule=configs.schedule)
 
 

@@ -102,13 +102,21 @@ def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16=False, *
 
 def train_step(chunks, optimizer, microbatches, ctx, cfg, iteration: int, clip_grad: float = 1.0,
                bf16: bool = False, **schedule_kwargs) -> StepResult:
+    """One optimizer step. ``optimizer`` is torch AdamW (grads finalised and clipped here) or
+    trainer/megatron_optimizer.py's MegatronCoreOptimizer (which clips with ``--clip-grad``)."""
+    megatron_core = hasattr(optimizer, "finalize_and_step")
     for model in chunks:
         model.train()
         model.zero_grad(set_to_none=True)
+    if megatron_core:
+        optimizer.zero_grad()  # the DDP main_grad buffers
     weights = cfg.exits.weights_at(iteration)
     sums = forward_backward(chunks, microbatches, cfg, ctx, weights, bf16=bf16, **schedule_kwargs)
-    finalize_grads(chunks, ctx)
-    norm = clip_grad_norm(chunks, ctx, clip_grad)
-    optimizer.step()
+    if megatron_core:
+        norm = optimizer.finalize_and_step(chunks, ctx)
+    else:
+        finalize_grads(chunks, ctx)
+        norm = clip_grad_norm(chunks, ctx, clip_grad)
+        optimizer.step()
     lm_loss, exit_losses = reduce_head_losses(sums, cfg, ctx, len(microbatches))
     return StepResult(lm_loss=lm_loss, exit_losses=exit_losses, exit_weights=weights, grad_norm=norm)
