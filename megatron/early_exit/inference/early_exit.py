@@ -159,7 +159,7 @@ class DepthRunner:
             logits = self._gather(self.model.final_logits(src))  # [s or 1, b_a, V]
             if idx:
                 last = logits[-1, idx]  # [n, V]
-                out.record(lay.rows_list, idx, last, self._confidence(last), L, {})
+                out.record(lay.rows_list, idx, last, self.confidence(last), L, {})
             if all_final:
                 out.final_all, out.final_layout = logits, lay
         for r in rows:
@@ -177,7 +177,7 @@ class DepthRunner:
             return x, lay
         src = x if head.block is not None else x[-1:]
         logits = self._gather(self.model.exit_logits(ep.layer, src, rotary))[-1]  # [b_a, V]
-        conf = self._confidence(logits)  # [b_a]
+        conf = self.confidence(logits)  # [b_a]
         if ep.force:
             fired = open_idx
         else:
@@ -234,7 +234,7 @@ class DepthRunner:
     def _gather(self, logits: torch.Tensor) -> torch.Tensor:  # [.., V/tp] -> [.., V]
         return gather_from_tensor_model_parallel_region(logits)
 
-    def _confidence(self, logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
         dtype = torch.promote_types(logits.dtype, torch.float32)
         probs = torch.softmax(logits.to(dtype), dim=-1)
         if self.confidence_kind == "margin":

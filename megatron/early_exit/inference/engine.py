@@ -53,7 +53,10 @@ GREEDY = SamplingParams(temperature=0.0)
 class Engine:
     """Generation on one EarlyExitGPTModel stage that holds the whole model (PP=1)."""
 
-    def __init__(self, model, cfg, seed: Optional[int] = None):
+    def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None):
+        """``fast_decode``: None (every step through the general pass), ``"static"`` (full-depth
+        steps on static shapes) or ``"cuda_graph"`` (those steps replayed as one CUDA graph);
+        see static_decode.py. It only applies where no exit can fire."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk (PP=1, no virtual PP)")
@@ -72,6 +75,22 @@ class Engine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed if seed is None else seed)
         self._cache: Optional[KVCache] = None
+        if fast_decode not in (None, "static", "cuda_graph"):
+            raise ValueError(f"fast_decode must be None, 'static' or 'cuda_graph', got {fast_decode!r}")
+        self.fast_decode = fast_decode
+        self._static = None  # StaticDecodeStep of the current cache
+
+    def static_step(self, cache: KVCache):
+        """The StaticDecodeStep for ``cache`` (built once per cache; None if fast_decode is off)."""
+        if self.fast_decode is None:
+            return None
+        if self._static is None or self._static.cache is not cache:
+            from megatron.early_exit.inference.static_decode import StaticDecodeStep
+
+            self._static = None
+            self._static = StaticDecodeStep(self.model, self.cfg, cache,
+                                            cuda_graph=self.fast_decode == "cuda_graph")
+        return self._static
 
     def cache_for(self, batch: int, max_len: int) -> KVCache:
         """A static cache for this request shape (reused when the last one fits)."""
@@ -141,6 +160,8 @@ class Session:
         slots = max(getattr(mode, "max_pending", 0), draft) + 2
         self.runner = DepthRunner(engine.model, self.cfg, self.cache, slots,
                                   getattr(mode, "confidence", "max_prob"))
+        # full depth every step (no exit can fire): static shapes / CUDA graph if enabled
+        self.static = None if self.exits else engine.static_step(self.cache)
         self.states = {r: RowState(newest=len(p) - 1) for r, p in enumerate(self.prompts)}
         self.last = [p[-1] for p in self.prompts]  # newest token id per row
         self.live: List[int] = list(range(B))  # rows still generating, in batch order
@@ -175,6 +196,10 @@ class Session:
 
             return speculative_step(self)
         rows = list(self.live)
+        if self.static is not None:
+            res = self.static.decode(rows, self.states, self.last, self.runner.confidence)
+            self.stats["passes"] += 1
+            return self._single_token_step(rows, res)
         capped = []
         if isinstance(self.mode, EarlyExit):
             cap = self.mode.max_pending

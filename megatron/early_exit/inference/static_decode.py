@@ -1,0 +1,117 @@
+"""Full-depth decoding with static shapes, optionally replayed as one CUDA graph.
+
+The engine's general pass (early_exit.DepthRunner) builds a new layout per step: rows that
+exit leave the pass, pending tokens join it, the attention reads as many keys as the longest row
+holds. That flexibility costs Python work and kernel launches per layer, which dominates decoding
+at small batch. When no exit can fire (``FullDepth``, or ``EarlyExit`` with threshold 1.0),
+every step has the same shape: each of the cache's ``B`` rows feeds one token at its own
+position through every layer. ``StaticDecodeStep`` runs exactly that, on fixed buffers:
+
+- inputs ``tokens [B]`` and ``pos [B]`` are copied into static tensors;
+- the pass layout is built once over those tensors (write slot = ``pos``, one query per row,
+  attention over all ``max_len`` cache slots with the mask ``key <= pos`` recomputed in place),
+  so the KV hook of kv_cache.py writes and reads the same cache as the general pass;
+- rows that already finished keep feeding their last token at their last position (an
+  idempotent rewrite of one cache slot); the caller ignores their logits.
+
+With ``cuda_graph=True`` the step is captured into a ``torch.cuda.CUDAGraph`` at its first call
+(after two eager warm-up runs on a side stream, which rewrite the same slots with the same
+values) and every later step is one graph replay: a few microseconds of launch work instead of
+hundreds of kernel launches. The graph holds the cache's buffers, so it is tied to one cache.
+
+    step = StaticDecodeStep(model, cfg, cache, cuda_graph=True)
+    logits = step(tokens, pos)        # [B, V] next-token logits (a view of a static buffer)
+
+The engine uses it with ``Engine(model, cfg, fast_decode="static" | "cuda_graph")``.
+Tests: tests/unit/test_static_decode.py (CPU, eager) and tests/gpu/test_gpu_decode.py (graph).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron.early_exit.inference.early_exit import PassResult, RowState
+from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
+
+__all__ = ["StaticDecodeStep"]
+
+
+class StaticDecodeStep:
+    """One full-depth decode step over every row of ``cache`` with static shapes."""
+
+    def __init__(self, model, cfg, cache: KVCache, cuda_graph: bool = False):
+        if cuda_graph and cache.device.type != "cuda":
+            raise ValueError("fast_decode='cuda_graph' needs a CUDA device; use 'static' on CPU")
+        self.model, self.cfg, self.cache = model, cfg, cache
+        self.num_layers = cfg.model.num_layers
+        self.cuda_graph = cuda_graph
+        self.graph = None
+        B, dev = cache.batch, cache.device
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=dev)  # [B]
+        self.pos = torch.zeros(B, dtype=torch.int64, device=dev)  # [B]
+        self.end = torch.ones(B, dtype=torch.int64, device=dev)  # [B] pos + 1
+        self.key_pos = torch.arange(cache.max_len, device=dev)  # [S]
+        self.mask = torch.ones(B, 1, 1, cache.max_len, dtype=torch.bool, device=dev)
+        pos_row = self.pos.view(1, B)  # [1, B], aliases self.pos
+        self.layout = PassLayout(
+            rows=torch.arange(B, device=dev), rows_list=list(range(B)), starts=[0] * B,
+            ends=[1] * B, s=1, pos=pos_row, valid=torch.ones(1, B, dtype=torch.bool, device=dev),
+            write_idx=pos_row, mask=self.mask, start_t=self.pos, end_t=self.end, full_batch=True)
+        self.logits = None  # [B, V] static output buffer, allocated by the first run
+
+    def _run(self) -> None:
+        """The step on the static buffers (this is what the graph captures)."""
+        torch.le(self.key_pos.view(1, 1, 1, -1), self.pos.view(-1, 1, 1, 1), out=self.mask)
+        torch.add(self.pos, 1, out=self.end)
+        model, lay = self.model, self.layout
+        self.cache.layout = lay
+        x = model.embed(self.tokens.view(-1, 1), self.pos.view(-1, 1))  # [1, B, h]
+        lay.rotary = model.rotary(lay.pos)  # [1, B, 1, hn] or None
+        for d in range(self.num_layers):
+            x = model.run_layer(d, x, lay.rotary)
+        logits = gather_from_tensor_model_parallel_region(model.final_logits(x))[-1]  # [B, V]
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens [B], pos [B] (each row's newest token and its position) -> logits [B, V]."""
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        if not self.cuda_graph:
+            self._run()
+        elif self.graph is None:
+            self._capture()
+            self.graph.replay()
+        else:
+            self.cache.layout = self.layout
+            self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(device=self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocations, library handles (idempotent writes)
+                self._run()
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+
+    def decode(self, rows: Sequence[int], states: Dict[int, RowState], last_tokens: Sequence[int],
+               confidence) -> PassResult:
+        """Engine adapter: one step of ``rows`` (the live ones); every cache row is computed.
+        ``last_tokens`` holds every row's newest token id; ``confidence(logits) -> [n]``."""
+        dev = self.cache.device
+        B = self.cache.batch
+        newest = [states[r].newest for r in range(B)]
+        logits = self(torch.tensor(list(last_tokens), dtype=torch.int64, device=dev),
+                      torch.tensor(newest, dtype=torch.int64, device=dev))
+        picked = logits.index_select(0, torch.tensor(list(rows), dtype=torch.int64, device=dev))
+        for r in rows:
+            states[r].advance(self.num_layers, self.num_layers)
+        return PassResult(picked, confidence(picked), [self.num_layers] * len(rows))
