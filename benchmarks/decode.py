@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("--exits", default="2,4,6", help="exit layer numbers")
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--compile", action="store_true", help="also torch.compile + CUDA graph (CUDA)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--batch-sizes", default="1,8")
@@ -229,8 +230,10 @@ def main():
             engines = {"full": Engine(model, cfg), "full static": Engine(model, cfg, fast_decode="static")}
             if device.type == "cuda":
                 engines["full graph"] = Engine(model, cfg, fast_decode="cuda_graph")
+                if args.compile:
+                    engines["full compiled+graph"] = Engine(model, cfg, fast_decode="compile")
             rows += run_modes(engines, prompts, batch, args)
-            graphs[batch] = engines.get("full graph")
+            graphs[batch] = {k: v for k, v in engines.items() if k in ("full graph", "full compiled+graph")}
     print(f"\n{len(prompts)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats} "
           f"runs; agree = fraction of tokens equal to full-depth greedy at the same position; "
           f"accept = accepted / drafted tokens\n")
@@ -239,13 +242,13 @@ def main():
     print("-" * len(head))
     for batch, name, tps, speed, mean_exit, agree, acc in rows:
         print(f"{batch:>5}  {name:<26} {tps:>9.1f} {speed:>7.2f}x {mean_exit:>10.2f} {agree:>6.2f} {acc:>7}")
-    if graphs.get(1) is not None:
+    for name, engine in graphs.get(1, {}).items():
         with torch.no_grad():
-            ms, floor_ms, bw = roofline(graphs[1], model, device)
+            ms, floor_ms, bw = roofline(engine, model, device)
         gb = step_bytes(model) / 1e9
-        print(f"\nroofline, batch 1 full depth ({torch.cuda.get_device_name(device)}): {gb:.3f} GB of "
+        print(f"\nroofline, batch 1 {name} ({torch.cuda.get_device_name(device)}): {gb:.3f} GB of "
               f"parameters per step, measured copy bandwidth {bw / 1e12:.2f} TB/s -> floor "
-              f"{floor_ms:.3f} ms/step; graph replay {ms:.3f} ms/step = {floor_ms / ms:.0%} of the "
+              f"{floor_ms:.3f} ms/step; replay {ms:.3f} ms/step = {floor_ms / ms:.0%} of the "
               f"memory roofline")
     dist.destroy_process_group()
 

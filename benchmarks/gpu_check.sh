@@ -19,5 +19,5 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
   python3 benchmarks/decode.py --device cuda --dtype bfloat16 --layers 24 --hidden 2048 --heads 16 \
     --vocab 512 --exits 6,12,18 --spec-exits 6,12 --lr 3e-4 --train-steps ${TRAIN_STEPS:-200} \
-    --repeats 3 --new-tokens 32 --prompts 8 --batch-sizes 1,8 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.log" | tail -30
+    --compile --repeats 3 --new-tokens 32 --prompts 8 --batch-sizes 1,8 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.log" | tail -30
 fi

@@ -44,7 +44,8 @@ def run_cli(tmp_path, corpus, name, *extra, iters=5):
            "--train-iters", str(iters), "--lr", "1e-3", "--clip-grad", "0.5", "--log-interval", "1",
            "--eval-iters", "0", "--data-path", corpus, "--split", "98,2,0", "--log-json", str(log),
            *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
     print(done.stdout[-2000:])
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in log.read_text().splitlines()]

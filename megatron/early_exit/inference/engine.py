@@ -55,8 +55,9 @@ class Engine:
 
     def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None):
         """``fast_decode``: None (every step through the general pass), ``"static"`` (full-depth
-        steps on static shapes) or ``"cuda_graph"`` (those steps replayed as one CUDA graph);
-        see static_decode.py. It only applies where no exit can fire."""
+        steps on static shapes), ``"cuda_graph"`` (those steps replayed as one CUDA graph) or
+        ``"compile"`` (torch.compile, then a CUDA graph); see static_decode.py. It only applies
+        where no exit can fire."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk (PP=1, no virtual PP)")
@@ -75,8 +76,9 @@ class Engine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed if seed is None else seed)
         self._cache: Optional[KVCache] = None
-        if fast_decode not in (None, "static", "cuda_graph"):
-            raise ValueError(f"fast_decode must be None, 'static' or 'cuda_graph', got {fast_decode!r}")
+        if fast_decode not in (None, "static", "cuda_graph", "compile"):
+            raise ValueError("fast_decode must be None, 'static', 'cuda_graph' or 'compile', got "
+                             f"{fast_decode!r}")
         self.fast_decode = fast_decode
         self._static = None  # StaticDecodeStep of the current cache
 
@@ -89,7 +91,8 @@ class Engine:
 
             self._static = None
             self._static = StaticDecodeStep(self.model, self.cfg, cache,
-                                            cuda_graph=self.fast_decode == "cuda_graph")
+                                            cuda_graph=self.fast_decode == "cuda_graph",
+                                            compile=self.fast_decode == "compile")
         return self._static
 
     def cache_for(self, batch: int, max_len: int) -> KVCache:

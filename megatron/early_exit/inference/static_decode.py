@@ -14,7 +14,9 @@ position through every layer. ``StaticDecodeStep`` runs exactly that, on fixed b
 - rows that already finished keep feeding their last token at their last position (an
   idempotent rewrite of one cache slot); the caller ignores their logits.
 
-With ``cuda_graph=True`` the step is captured into a ``torch.cuda.CUDAGraph`` at its first call
+With ``compile=True`` the step is first compiled by ``torch.compile`` (Inductor fuses the
+small element-wise kernels around the matrix products: norms, RoPE, residual adds), then
+captured like below. With ``cuda_graph=True`` the step is captured into a ``torch.cuda.CUDAGraph`` at its first call
 (after two eager warm-up runs on a side stream, which rewrite the same slots with the same
 values) and every later step is one graph replay: a few microseconds of launch work instead of
 hundreds of kernel launches. The graph holds the cache's buffers, so it is tied to one cache.
@@ -22,7 +24,7 @@ hundreds of kernel launches. The graph holds the cache's buffers, so it is tied 
     step = StaticDecodeStep(model, cfg, cache, cuda_graph=True)
     logits = step(tokens, pos)        # [B, V] next-token logits (a view of a static buffer)
 
-The engine uses it with ``Engine(model, cfg, fast_decode="static" | "cuda_graph")``.
+The engine uses it with ``Engine(model, cfg, fast_decode="static" | "cuda_graph" | "compile")``.
 Tests: tests/unit/test_static_decode.py (CPU, eager) and tests/gpu/test_gpu_decode.py (graph).
 """
 
@@ -42,9 +44,11 @@ __all__ = ["StaticDecodeStep"]
 class StaticDecodeStep:
     """One full-depth decode step over every row of ``cache`` with static shapes."""
 
-    def __init__(self, model, cfg, cache: KVCache, cuda_graph: bool = False):
-        if cuda_graph and cache.device.type != "cuda":
-            raise ValueError("fast_decode='cuda_graph' needs a CUDA device; use 'static' on CPU")
+    def __init__(self, model, cfg, cache: KVCache, cuda_graph: bool = False, compile: bool = False):
+        if (cuda_graph or compile) and cache.device.type != "cuda":
+            raise ValueError("fast_decode='cuda_graph' / 'compile' needs a CUDA device; use "
+                             "'static' on CPU")
+        cuda_graph = cuda_graph or compile
         self.model, self.cfg, self.cache = model, cfg, cache
         self.num_layers = cfg.model.num_layers
         self.cuda_graph = cuda_graph
@@ -61,21 +65,26 @@ class StaticDecodeStep:
             ends=[1] * B, s=1, pos=pos_row, valid=torch.ones(1, B, dtype=torch.bool, device=dev),
             write_idx=pos_row, mask=self.mask, start_t=self.pos, end_t=self.end, full_batch=True)
         self.logits = None  # [B, V] static output buffer, allocated by the first run
+        self._forward = torch.compile(self._logits, dynamic=False) if compile else self._logits
 
     def _run(self) -> None:
         """The step on the static buffers (this is what the graph captures)."""
         torch.le(self.key_pos.view(1, 1, 1, -1), self.pos.view(-1, 1, 1, 1), out=self.mask)
         torch.add(self.pos, 1, out=self.end)
-        model, lay = self.model, self.layout
-        self.cache.layout = lay
-        x = model.embed(self.tokens.view(-1, 1), self.pos.view(-1, 1))  # [1, B, h]
-        lay.rotary = model.rotary(lay.pos)  # [1, B, 1, hn] or None
-        for d in range(self.num_layers):
-            x = model.run_layer(d, x, lay.rotary)
-        logits = gather_from_tensor_model_parallel_region(model.final_logits(x))[-1]  # [B, V]
+        self.cache.layout = self.layout
+        logits = self._forward(self.tokens, self.pos)
         if self.logits is None:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)
+
+    def _logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Every layer for one token per row -> next-token logits [B, V] (cache written)."""
+        model, lay = self.model, self.layout
+        x = model.embed(tokens.view(-1, 1), pos.view(-1, 1))  # [1, B, h]
+        rotary = model.rotary(pos.view(1, -1))  # [1, B, 1, hn] or None
+        for d in range(self.num_layers):
+            x = model.run_layer(d, x, rotary)
+        return gather_from_tensor_model_parallel_region(model.final_logits(x))[-1]  # [B, V]
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens [B], pos [B] (each row's newest token and its position) -> logits [B, V]."""
@@ -95,7 +104,7 @@ class StaticDecodeStep:
         side = torch.cuda.Stream(device=self.cache.device)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocations, library handles (idempotent writes)
+            for _ in range(3):  # warm-up: compilation, allocations, library handles (idempotent)
                 self._run()
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
