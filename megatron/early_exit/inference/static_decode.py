@@ -65,7 +65,13 @@ class StaticDecodeStep:
             ends=[1] * B, s=1, pos=pos_row, valid=torch.ones(1, B, dtype=torch.bool, device=dev),
             write_idx=pos_row, mask=self.mask, start_t=self.pos, end_t=self.end, full_batch=True)
         self.logits = None  # [B, V] static output buffer, allocated by the first run
-        self._forward = torch.compile(self._logits, dynamic=False) if compile else self._logits
+        self._forward = self._logits
+        if compile:
+            # Dynamo specialises run_layer on the layer index (each layer is its own module):
+            # allow one compiled variant per layer instead of falling back to eager after 8.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * self.num_layers + 8)
+            self._forward = torch.compile(self._logits, dynamic=False)
 
     def _run(self) -> None:
         """The step on the static buffers (this is what the graph captures)."""
