@@ -1,9 +1,9 @@
 """megatron-core's optimizer path (trainer/megatron_optimizer.py) against torch AdamW, on CPU.
 
 One 4-rank gloo spawn, PP=2 x DP=2 with tied embeddings (a copy on the last stage) and exits on
-both stages, float32. In the same processes two models with the same layout-independent init
-train on the same micro-batches: one with torch AdamW + parallel/grads.py, one with megatron-core's
-DDP buffers + DistributedOptimizer (optimizer state sharded over DP). Losses, grad norms (clipping
+both stages, float32. In the same processes three models with the same layout-independent init
+train on the same micro-batches: torch AdamW + parallel/grads.py, megatron-core's DDP buffers +
+DistributedOptimizer (optimizer state sharded over DP), and megatron-core's FP32Optimizer. Losses, grad norms (clipping
 active) and every parameter must agree to float32 rounding after several steps. Then checkpoints
 cross backends: the distributed optimizer's save loads into a torch-AdamW run whose optimizer
 state and next step equal the torch run's, and the torch run's save loads into a fresh
@@ -31,7 +31,7 @@ def _cfg():
     return EarlyExitGPTConfig(model=model, exits=exits, parallel=parallel, seed=21)
 
 
-def _setup(cfg, ctx, backend):
+def _setup(cfg, ctx, backend, distributed=True):
     from megatron.early_exit.config import TrainConfig
     from megatron.early_exit.parallel.state import build_model
     from megatron.early_exit.trainer.loop import TrainingSetup
@@ -39,7 +39,7 @@ def _setup(cfg, ctx, backend):
 
     t = TrainConfig(micro_batch_size=2, global_batch_size=2 * MICRO * 2, train_iters=10, lr=3e-3,
                     lr_warmup_iters=2, weight_decay=0.1, clip_grad=0.5, optimizer_backend=backend,
-                    use_distributed_optimizer=backend == "megatron")
+                    use_distributed_optimizer=distributed and backend == "megatron")
     chunks = build_model(cfg, ctx)
     return TrainingSetup(cfg, t, ctx, chunks, build_trainer_optimizer(chunks, ctx, t))
 
@@ -98,14 +98,17 @@ def _scenario(rank, world, root):
         cfg = _cfg()
         ctx = initialize_parallel(cfg, torch.device("cpu"))
         ref, meg = _setup(cfg, ctx, "torch"), _setup(cfg, ctx, "megatron")
+        plain = _setup(cfg, ctx, "megatron", distributed=False)  # FP32Optimizer
         assert isinstance(meg.optimizer, MegatronCoreOptimizer) and meg.optimizer.distributed
+        assert not plain.optimizer.distributed
         out = {"losses": [], "norms": []}
         for _ in range(STEPS):
-            ra, rb = _step(ref), _step(meg)
+            ra, rb, rc = _step(ref), _step(meg), _step(plain)
             out["losses"].append((ra.lm_loss, rb.lm_loss, ra.exit_losses, rb.exit_losses))
-            out["norms"].append((ra.grad_norm, rb.grad_norm))
-        out["param_diff"] = _max_diff(ref, meg)
-        out["state_diff"] = _state_diff(ref, meg)
+            out["losses"].append((ra.lm_loss, rc.lm_loss, ra.exit_losses, rc.exit_losses))
+            out["norms"] += [(ra.grad_norm, rb.grad_norm), (ra.grad_norm, rc.grad_norm)]
+        out["param_diff"] = max(_max_diff(ref, meg), _max_diff(ref, plain))
+        out["state_diff"] = max(_state_diff(ref, meg), _state_diff(ref, plain))
 
         save_checkpoint(f"{root}/meg", meg)  # sharded state -> whole tensors on disk
         save_checkpoint(f"{root}/ref", ref)

@@ -1,14 +1,16 @@
-"""Pipeline-based early-exit decoding (PP=2, gloo) gives the same tokens, exit layers and
-confidences as the PP=1 recomputation engine on the same weights."""
+"""Pipeline-based early-exit decoding (PP=2 and PP=4, gloo) gives the same tokens, exit layers
+and confidences as the PP=1 recomputation engine on the same weights. At PP=4 (one layer per
+stage) exits sit on stages 0 and 2 only, so verdicts come from stages without exits too."""
 
 import dataclasses
 
+import pytest
 import torch
 
 from tests.distributed_harness import run_distributed
 
 
-def _scenario(rank, world):
+def _scenario(rank, world, variants):
     from megatron.early_exit.config import ParallelConfig
     from megatron.early_exit.inference.engine import Engine
     from megatron.early_exit.inference.loading import load_model_weights
@@ -20,7 +22,7 @@ def _scenario(rank, world):
     from tests.unit.engine_testlib import random_prompts, trained
 
     results = {}
-    for variant in ("llama-block", "gpt2-pre-exit-block"):
+    for variant in variants:
         cfg, model = trained(variant, dtype="float64")
         from megatron.core import parallel_state
 
@@ -44,8 +46,10 @@ def _scenario(rank, world):
     return results
 
 
-def test_pipeline_based_equals_recomputation():
-    results = run_distributed(_scenario, 2)[0]
+@pytest.mark.parametrize("pp,variants", [(2, ("llama-block", "gpt2-pre-exit-block")),
+                                         (4, ("llama-block",))])
+def test_pipeline_based_equals_recomputation(pp, variants):
+    results = run_distributed(_scenario, pp, variants)[0]
     exited = 0
     for key, rows in results.items():
         for ref, got, conf_err in rows:

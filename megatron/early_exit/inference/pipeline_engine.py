@@ -2,16 +2,26 @@
 
 Every token travels through all pipeline stages, so every stage's KV cache (exit blocks
 included) is always complete: no recomputation is ever needed. The token is *decided* at the
-first allowed exit whose confidence reaches the threshold (or by the final head); the decision
-(token id, exit layer, confidence) rides along with the hidden states to the last stage, which
-broadcasts it to every stage for the next step. The tokens are therefore exactly those of the
-recomputation mode (inference/early_exit.py) for the same model and threshold — tested on
-gloo at PP=2 in tests/distributed/test_pipeline_inference.py.
+first allowed exit whose confidence reaches the threshold (or by the final head). The tokens are
+therefore exactly those of the recomputation mode (inference/early_exit.py) for the same model
+and threshold — tested on gloo at PP=2 and PP=4 in tests/distributed/test_pipeline_inference.py.
+
+Overlap (EE-LLM's pipeline-based speed-up): stage 0 needs only the *decision* of token t to embed
+token t+1, not the later stages' KV of t. Messages, all point to point and in order:
+
+- stage k -> k+1, per pass: a header ``[kind, decided, token, layer, confidence, s]`` then the
+  hidden states ``[s, 1, h]``; ``kind = 1`` (no hidden states) ends the sequence;
+- stage k > 0 -> stage 0: one *verdict* ``[decided, token, layer, confidence]`` for every token
+  that reached stage k still open, sent as soon as an exit on stage k decides it, else after the
+  stage's last layer (the last stage always decides).
+
+Stage 0 decides a token itself when one of its exits fires and goes straight on to the next
+token while the hidden states of the previous one travel on (sends are asynchronous; the later
+stages fill their KV in the same order); otherwise it reads the verdicts of stages 1, 2, ... in
+order up to the deciding one. At the end of a sequence every stage returns stage 0's outputs.
 
 Scope of this version: one sequence at a time (prompts are decoded one after another), PP > 1
-without virtual chunks, TP >= 1. Stage 0 waits for each decision before it embeds the next
-token, i.e. the later stages' KV fill is not yet overlapped with stage 0's next token; that
-overlap is the remaining speed-up of EE-LLM's pipeline-based inference.
+without virtual chunks, TP >= 1.
 
     engine = PipelineEngine(chunks, cfg, ctx)              # on every rank of the pipeline
     outs = engine.generate([[5, 7, 9]], 32, mode=EarlyExit(threshold=0.8))
@@ -30,6 +40,8 @@ from megatron.early_exit.inference.modes import EarlyExit, FullDepth, Generation
 from megatron.early_exit.inference.sampling import SamplingParams, sample
 from megatron.early_exit.inference.stopping import StopChecker, StopCriteria
 from megatron.early_exit.parallel.p2p import PipelineP2P
+
+HEADER = 6  # floats of a pass header, see PipelineEngine._header
 
 
 class _StageCache:
@@ -67,6 +79,8 @@ class PipelineEngine:
         self.generator.manual_seed(0 if seed is None else seed)
         self.attention = [m for m in self.model.modules() if hasattr(m, "kv_hook")]
         self.dtype = self.model.config.params_dtype
+        self.stage_ranks = dist.get_process_group_ranks(ctx.pp_group)  # global rank per stage
+        self._pending = []  # (work, tensor) of sends in flight
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -87,55 +101,122 @@ class PipelineEngine:
         for m in self.attention:
             m.kv_hook = cache.hook
         try:
-            out = GenerationOutput(prompt_len=len(prompt))
-            checker = StopChecker(stop, detokenize)
-            decision = self._pass(prompt, 0, cache, None, sampling)
-            for _ in range(max_new_tokens):
-                token, layer, conf = int(decision[1]), int(decision[2]), float(decision[3])
-                result = checker.feed(token)
-                out.extend([token], [layer], [conf])
-                if result.stopped:
-                    del out.tokens[result.num_tokens:], out.exit_layers[result.num_tokens:]
-                    del out.confidences[result.num_tokens:]
-                    out.finish_reason, out.text_len = result.finish_reason, result.text_len
-                    break
-                if len(out.tokens) == max_new_tokens:
-                    out.finish_reason = "length"
-                    break
-                decision = self._pass([token], len(prompt) + len(out.tokens) - 1, cache, mode, sampling)
-            return out
+            if self.model.pre_process:
+                out = self._lead(prompt, max_new_tokens, sampling, stop, mode, detokenize, cache)
+            else:
+                out = None
+                self._follow(cache, mode, sampling)
+            for work, _ in self._pending:  # sends still in flight (their buffers are held)
+                work.wait()
+            self._pending = []
+            shared = [out]  # every stage returns the same outputs
+            dist.broadcast_object_list(shared, src=self.stage_ranks[0], group=self.ctx.pp_group)
+            return shared[0]
         finally:
             for m in self.attention:
                 m.kv_hook = None
 
-    def _pass(self, ids: List[int], start: int, cache: _StageCache, mode, sampling) -> torch.Tensor:
-        """Tokens ``ids`` at positions start.. through this stage; returns the broadcast decision
-        [decided, token, layer, confidence] (float64). ``mode`` None: prefill, no exits fire."""
-        model, ctx = self.model, self.ctx
-        s = len(ids)
-        positions = torch.arange(start, start + s, device=ctx.device)
-        decision = torch.zeros(4, dtype=torch.float64, device=ctx.device)
-        if model.pre_process:
-            x = model.embed(torch.tensor([ids], device=ctx.device), positions[None, :])
-        else:
+    def _lead(self, prompt, max_new_tokens, sampling, stop, mode, detokenize, cache) -> GenerationOutput:
+        """Stage 0: embeds each token, decides it here if an exit fires, else waits for the
+        later stages' verdicts; never waits for their KV fill."""
+        out = GenerationOutput(prompt_len=len(prompt))
+        checker = StopChecker(stop, detokenize)
+        ids, start, pass_mode = prompt, 0, None
+        while True:
+            header = self._header(kind=0, s=len(ids))
+            x = self._stage_pass(ids, start, cache, pass_mode, sampling, header)
+            self._send_next(header, x)
+            decision = header[1:5] if header[1] != 0 else self._await_verdict()
+            token, layer, conf = int(decision[1]), int(decision[2]), float(decision[3])
+            result = checker.feed(token)
+            out.extend([token], [layer], [conf])
+            if result.stopped:
+                del out.tokens[result.num_tokens:], out.exit_layers[result.num_tokens:]
+                del out.confidences[result.num_tokens:]
+                out.finish_reason, out.text_len = result.finish_reason, result.text_len
+                break
+            if len(out.tokens) == max_new_tokens:
+                out.finish_reason = "length"
+                break
+            ids, start, pass_mode = [token], len(prompt) + len(out.tokens) - 1, mode
+        self._send_next(self._header(kind=1, s=0), None)  # end of this sequence
+        return out
+
+    def _follow(self, cache, mode, sampling) -> None:
+        """Stages > 0: take each token's hidden states in order, fill this stage's KV, decide
+        it if it is still open and an exit here fires (or this is the last stage)."""
+        while True:
+            header, _ = self.p2p.exchange(recv_prev=((HEADER,), torch.float64))
+            if header[0] == 1:
+                self._send_next(header, None)
+                return
+            s = int(header[5])
             x, _ = self.p2p.exchange(recv_prev=((s, 1, self.cfg.model.hidden_size), self.dtype))
-            decision, _ = self.p2p.exchange(recv_prev=((4,), torch.float64))
+            start = cache.offset
+            x = self._stage_pass(None, start, cache, None if start == 0 else mode, sampling, header, x)
+            self._send_next(header, x)
+
+    def _stage_pass(self, ids, start, cache, mode, sampling, header, x=None) -> torch.Tensor:
+        """This stage's layers (and exits) for one pass; ``header[1:5]`` is the decision
+        [decided, token, layer, confidence], updated in place. A token that arrived open gets
+        exactly one verdict sent to stage 0: as soon as an exit here decides it, else after
+        this stage's last layer. ``mode`` None: prefill, no exit fires."""
+        model, ctx = self.model, self.ctx
+        decision = header[1:5]
+        arrived_open = decision[0] == 0
+        if model.pre_process:
+            positions = torch.arange(start, start + len(ids), device=ctx.device)
+            x = model.embed(torch.tensor([ids], device=ctx.device), positions[None, :])
+        positions = torch.arange(start, start + x.shape[0], device=ctx.device)
         rotary = model.rotary(positions)
+        verdict_sent = False
         for i, layer in enumerate(model.placement.layers):
             if self.cfg.exits.pre_exit and layer in model.placement.exit_layers:
                 self._exit(layer, x, rotary, decision, mode, sampling)
             x = model.run_layer(i, x, rotary)
             if not self.cfg.exits.pre_exit and layer in model.placement.exit_layers:
                 self._exit(layer, x, rotary, decision, mode, sampling)
-        if model.post_process:
-            if decision[0] == 0:
-                self._decide(model.final_logits(x[-1:]), self.cfg.model.num_layers, decision, sampling)
-        else:
-            self.p2p.exchange(send_next=x.contiguous())
-            self.p2p.exchange(send_next=decision)
-        dist.broadcast(decision, src=self.last_rank, group=ctx.pp_group)
-        cache.offset += s
-        return decision
+            if arrived_open and not verdict_sent and decision[0] != 0 and not model.pre_process:
+                self._send_verdict(decision)
+                verdict_sent = True
+        if model.post_process and decision[0] == 0:
+            self._decide(model.final_logits(x[-1:]), self.cfg.model.num_layers, decision, sampling)
+        if arrived_open and not verdict_sent and not model.pre_process:
+            self._send_verdict(decision)  # decided by the final head, or still open ("no")
+        cache.offset += x.shape[0]
+        return x
+
+    # ------------------------------------------------------------------ messages
+    def _header(self, kind: int, s: int) -> torch.Tensor:
+        """[kind (0 pass, 1 end), decided, token, layer, confidence, tokens in the pass]."""
+        header = torch.zeros(HEADER, dtype=torch.float64, device=self.ctx.device)
+        header[0], header[5] = kind, s
+        return header
+
+    def _send_next(self, header: torch.Tensor, x: Optional[torch.Tensor]) -> None:
+        """Header (and hidden states) to the next stage without waiting for delivery."""
+        if self.model.post_process:
+            return
+        for t in (header, x):
+            if t is not None:
+                t = t.contiguous()
+                self._pending.append((dist.isend(t, dst=self.stage_ranks[self.ctx.pp_rank + 1],
+                                                 group=self.ctx.pp_group), t))
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def _send_verdict(self, decision: torch.Tensor) -> None:
+        verdict = decision.clone()
+        self._pending.append((dist.isend(verdict, dst=self.stage_ranks[0], group=self.ctx.pp_group),
+                              verdict))
+
+    def _await_verdict(self) -> torch.Tensor:
+        """Stage 0: the verdicts of stages 1, 2, ... in order, up to the one that decided."""
+        verdict = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)
+        for rank in self.stage_ranks[1:]:
+            dist.recv(verdict, src=rank, group=self.ctx.pp_group)
+            if verdict[0] != 0:
+                return verdict
+        raise RuntimeError("no pipeline stage decided the token (the last stage always does)")
 
     def _exit(self, layer, x, rotary, decision, mode, sampling) -> None:
         logits = self.model.exit_logits(layer, x, rotary)  # always: fills the exit block's KV
