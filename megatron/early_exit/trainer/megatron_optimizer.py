@@ -114,10 +114,10 @@ class MegatronCoreOptimizer:
             if id(p) not in shards and not self.distributed:
                 continue
             inner, key, a, b = shards.get(id(p), (None, None, 0, 0))
-            local = inner.state.get(key, {}) if inner is not None else {}
+            local = adam_state(inner, key) if inner is not None else {}
             if not self.distributed:
                 if local:
-                    out[id(p)] = dict(local)
+                    out[id(p)] = local
                 continue
             entry = self._gather_state(p, local, a, b)
             if entry is not None:
@@ -132,7 +132,7 @@ class MegatronCoreOptimizer:
         dist.all_reduce(have, op=dist.ReduceOp.MAX, group=group)
         if have[0].item() == 0:
             return None
-        entry = {"step": torch.tensor(have[1].item(), dtype=torch.float32)}
+        entry = {"step": torch.tensor(have[1].item(), dtype=torch.float32)}  # same on all shards
         for key in ("exp_avg", "exp_avg_sq"):
             full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
             if local and b > a:
@@ -147,13 +147,47 @@ class MegatronCoreOptimizer:
             entry = states.get(id(param))
             if entry is None:
                 continue
-            inner.state[key] = {
-                "step": torch.as_tensor(entry["step"], dtype=torch.float32).clone().cpu(),
-                "exp_avg": entry["exp_avg"].reshape(-1)[a:b].to(key.device, torch.float32).clone()
-                .view(key.shape),
-                "exp_avg_sq": entry["exp_avg_sq"].reshape(-1)[a:b].to(key.device, torch.float32)
-                .clone().view(key.shape),
-            }
+            set_adam_state(inner, key, entry["step"], {
+                name: entry[name].reshape(-1)[a:b].to(key.device, torch.float32).clone().view(key.shape)
+                for name in ("exp_avg", "exp_avg_sq")})
+
+
+def _keeps_step_per_param(inner) -> bool:
+    """torch's Adam/AdamW keep ``step`` in each parameter's state; the fused Adams megatron-core
+    picks when Transformer Engine or Apex is installed keep one ``step`` per param group."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _group_of(inner, key) -> dict:
+    for group in inner.param_groups:
+        if any(q is key for q in group["params"]):
+            return group
+    raise KeyError("parameter is not in this optimizer")
+
+
+def adam_state(inner, key) -> dict:
+    """{'step', 'exp_avg', 'exp_avg_sq'} of ``key`` in ``inner`` ({} before the first step),
+    wherever the optimizer keeps its step counter."""
+    local = inner.state.get(key, {})
+    if "exp_avg" not in local:
+        return {}
+    step = local["step"] if "step" in local else _group_of(inner, key).get("step", 0)
+    return {"step": torch.as_tensor(float(step), dtype=torch.float32),
+            "exp_avg": local["exp_avg"], "exp_avg_sq": local["exp_avg_sq"]}
+
+
+def set_adam_state(inner, key, step, moments: Dict[str, torch.Tensor]) -> None:
+    """Install AdamW moments and step for ``key`` in ``inner`` (see adam_state)."""
+    state = dict(inner.state.get(key, {}))
+    state.update(moments)
+    step = torch.as_tensor(step, dtype=torch.float32).clone().cpu()
+    if _keeps_step_per_param(inner):
+        state["step"] = step
+    else:
+        group = _group_of(inner, key)
+        old = group.get("step")
+        group["step"] = step.to(old.device, old.dtype) if torch.is_tensor(old) else int(step.item())
+    inner.state[key] = state
 
 
 def check_supported(chunks, ctx, train_cfg) -> None:
