@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-threshold", type=float, default=0.0, help="Stop drafting below this confidence.")
     p.add_argument("--json", action="store_true", help="One JSON object per prompt per line.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
+    p.add_argument("--fast-decode", choices=["static", "cuda_graph", "compile"],
+                   help="Full-depth steps (--no-early-exit, or threshold 1.0) on static shapes; "
+                        "cuda_graph / compile replay them as a CUDA graph (GPU only).")
     return p
 
 
@@ -93,8 +96,11 @@ def main(argv=None) -> list:
     ids = [tokenizer.tokenize(p) for p in prompts]
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stop = StopCriteria(stop_token_ids=frozenset({tokenizer.eod}), stop_strings=tuple(args.stop))
-    outs = Engine(model, cfg).generate(ids, args.tokens_to_generate, sampling=sampling, stop=stop,
-                                       mode=make_mode(args, cfg), detokenize=tokenizer.detokenize)
+    if args.fast_decode in ("cuda_graph", "compile") and device.type != "cuda":
+        raise SystemExit(f"--fast-decode {args.fast_decode} needs a CUDA device (use static on CPU)")
+    engine = Engine(model, cfg, fast_decode=args.fast_decode)
+    outs = engine.generate(ids, args.tokens_to_generate, sampling=sampling, stop=stop,
+                           mode=make_mode(args, cfg), detokenize=tokenizer.detokenize)
     records = []
     for prompt, out in zip(prompts, outs):
         text = tokenizer.detokenize(out.tokens)

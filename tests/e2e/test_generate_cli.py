@@ -1,0 +1,66 @@
+"""tools/generate.py on a checkpoint written by pretrain_early_exit_gpt.py: `--load` alone,
+`--json` records (text, tokens, exit_layers, confidences), the tokens equal the engine's on the
+same loaded model, threshold 1.0 equals `--no-early-exit`, and `--fast-decode static` equals the
+general pass; a CUDA-only fast decode on CPU is refused naming the flag."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.e2e.test_pretrain_cli import ENV, ROOT, corpus, launch, train_args  # noqa: F401
+
+
+def _generate_module():
+    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools/generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("ckpt")
+    args = train_args(corpus, d / "log.jsonl", 8, ["--save", str(d / "ckpt")])
+    subprocess.run(launch(args), check=True, env=ENV, capture_output=True)
+    return str(d / "ckpt")
+
+
+def test_generate_cli_json_and_modes(checkpoint, capsys, single_rank_parallel):
+    from megatron.early_exit.inference.engine import Engine
+    from megatron.early_exit.inference.loading import load_for_inference
+    from megatron.early_exit.inference.modes import EarlyExit
+    from megatron.early_exit.inference.stopping import StopCriteria
+    from megatron.early_exit.parallel.state import destroy_parallel
+
+    tool = _generate_module()
+    base = ["--load", checkpoint, "--prompt", "ROMEO:", "--tokens-to-generate", "12", "--json",
+            "--device", "cpu"]
+    runs = {}
+    for name, extra in (("tau", ["--early-exit-thres", "0.3"]), ("tau1", ["--early-exit-thres", "1.0"]),
+                        ("full", ["--no-early-exit"]),
+                        ("static", ["--no-early-exit", "--fast-decode", "static"])):
+        capsys.readouterr()
+        runs[name] = tool.main(base + extra)
+        destroy_parallel()
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert len(printed) == 1 and set(json.loads(printed[0])) >= {
+            "text", "tokens", "exit_layers", "confidences"}
+    (tau,) = runs["tau"]
+    assert len(tau["tokens"]) == len(tau["exit_layers"]) == len(tau["confidences"]) > 0
+    assert set(tau["exit_layers"]) <= {1, 3, 4}
+    for name in ("tau1", "static"):
+        assert runs[name][0]["tokens"] == runs["full"][0]["tokens"]
+        assert runs[name][0]["exit_layers"] == [4] * len(runs["full"][0]["tokens"])
+
+    model, cfg, tok = load_for_inference(checkpoint, torch.device("cpu"))
+    want = Engine(model, cfg).generate([tok.tokenize("ROMEO:")], 12, mode=EarlyExit(threshold=0.3),
+                                       stop=StopCriteria(stop_token_ids=frozenset({tok.eod})))
+    assert want[0].tokens == tau["tokens"] and want[0].exit_layers == tau["exit_layers"]
+    destroy_parallel()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--fast-decode cuda_graph needs a CUDA device"):
+            tool.main(base + ["--no-early-exit", "--fast-decode", "cuda_graph"])
