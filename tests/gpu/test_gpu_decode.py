@@ -50,3 +50,28 @@ def test_cuda_graph_decode_matches_general_pass(dtype, single_rank_parallel):
             assert a.tokens[:n] == b.tokens == c.tokens
             assert a.confidences[:n] == pytest.approx(b.confidences, rel=1e-4)
             assert c.confidences == pytest.approx(b.confidences, rel=1e-4)
+
+
+def test_cuda_graph_early_exit_matches_static_and_general(single_rank_parallel):
+    """Batch-1 early exit replayed as one CUDA graph per layer segment: identical to the same
+    step run eagerly, and equal to the general pass (float32) in tokens and exit layers."""
+    from megatron.early_exit.inference.engine import Engine
+    from megatron.early_exit.inference.modes import EarlyExit
+
+    cfg, model = _model("float32")
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 21, 12)]
+    engines = {kind: Engine(model, cfg, fast_decode=kind) for kind in (None, "static", "cuda_graph")}
+    exited = 0
+    for mode in (EarlyExit(threshold=0.5), EarlyExit(threshold=0.2, max_pending=2)):
+        for p in prompts:
+            outs = {k: e.generate([p], 24, mode=mode)[0] for k, e in engines.items()}
+            assert (outs["static"].tokens, outs["static"].confidences) == (
+                outs["cuda_graph"].tokens, outs["cuda_graph"].confidences)
+            assert outs[None].tokens == outs["static"].tokens
+            assert outs[None].exit_layers == outs["static"].exit_layers
+            assert outs[None].confidences == pytest.approx(outs["static"].confidences, rel=1e-4)
+            exited += sum(layer < cfg.model.num_layers for layer in outs[None].exit_layers)
+    assert exited > 0
+    assert all(seg.graph is not None for step in engines["cuda_graph"]._static_ee.values()
+               for seg in step.segments)

@@ -57,3 +57,26 @@ def test_static_step_is_not_used_when_exits_can_fire(single_rank_parallel):
         Engine(model, cfg, fast_decode="graph")
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, cfg, fast_decode="cuda_graph").generate(prompts, 2)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-norm-mlp-pre"])
+def test_static_early_exit_equals_general_pass(variant, single_rank_parallel):
+    """Batch-1 early exit on static segment slots (static_early_exit.py) against the general
+    pass: same tokens, exit layers and confidences, with pending tokens joining at their depths,
+    a small pending cap (capped rows run to full depth) and the margin confidence."""
+    cfg, model = trained(variant)  # float64
+    prompts = random_prompts(torch.Generator().manual_seed(14), 3, cfg.model.vocab_size, 2, 10)
+    general, static = Engine(model, cfg), Engine(model, cfg, fast_decode="static")
+    exited = 0
+    for mode in (EarlyExit(threshold=0.6), EarlyExit(threshold=0.3, max_pending=2),
+                 EarlyExit(threshold=0.2, confidence="margin", max_pending=3),
+                 EarlyExit(threshold=0.4, exit_layers=(cfg.exits.exit_layer_nums[-1],))):
+        for p in prompts:
+            sess = static.session([p], 16, mode=mode)
+            assert sess.static_ee is not None
+            want = general.generate([p], 16, mode=mode)[0]
+            got = static.generate([p], 16, mode=mode)[0]
+            assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), mode
+            assert got.confidences == pytest.approx(want.confidences, rel=1e-9)
+            exited += sum(layer < cfg.model.num_layers for layer in want.exit_layers)
+    assert exited > 10  # early exits (and so pending tokens and joins) were exercised

@@ -1,0 +1,197 @@
+"""Batch-1 confidence-based early exit on static shapes: one CUDA graph per layer segment.
+
+The general pass (early_exit.DepthRunner) re-plans its shapes at every exit and every join of
+pending tokens, so on a GPU it runs eagerly, launch-bound. With one row the plan is simple enough
+to fix the shapes instead. The exits' depths cut the layers into *segments*; a decode step runs
+segment after segment until an exit fires:
+
+- every segment works on ``R = max_pending + 1`` end-aligned slots ``[R, 1, h]``: slot ``R-1`` is
+  the newest token (position ``n``), slot ``i`` position ``n - R + 1 + i``. A slot is *valid* when
+  its position is in flight: the newest token, plus the pending tokens (exited earlier, no deep KV)
+  that joined at a segment start equal to their depth, their hidden states read from the runner's
+  store. Invalid slots carry position ``n`` (finite attention) and write their keys/values to the
+  cache's scratch slot, so the cache sees exactly the general pass's writes;
+- the segment computes its layers, then each exit at its end: the newest slot's exit logits and
+  confidence into static buffers. The host reads the confidence (one sync per exit, as in the
+  general pass) and either stops (the in-flight hidden states go to the store, the row's depth
+  bookkeeping advances) or joins the pending tokens of the next depth and runs the next segment.
+  A capped row (``max_pending`` reached) keeps the first fired exit's token but runs to full depth,
+  which fills every pending token's KV.
+
+Each segment is the same computation at every step, so with ``cuda_graph=True`` it is captured once
+(after eager warm-up runs that rewrite the same cache slots with the same values) and replayed.
+The embedding of the new token and the joins are a few eager kernels between replays.
+Exits with their own attention block (``--use-exit-block``) are not supported here (the engine
+keeps the general pass for them), nor batches > 1.
+
+    step = StaticEarlyExit(runner, cfg, cache, exits, max_pending=16, cuda_graph=True)
+    result = step.decode(state, token_id, capped=False)     # PassResult for the one row
+
+Tests: tests/unit/test_static_decode.py (CPU, eager, against the general pass),
+tests/gpu/test_gpu_decode.py (graphs).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron.early_exit.inference.early_exit import DepthRunner, ExitPoint, PassResult, RowState
+from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
+
+__all__ = ["StaticEarlyExit", "supports"]
+
+
+def supports(model, exits: Sequence[ExitPoint], batch: int) -> bool:
+    """Whether the static early-exit step can serve these exits at this batch size."""
+    return batch == 1 and all(e.threshold is not None and not e.force for e in exits) and all(
+        model.exits[str(e.layer)].block is None for e in exits)
+
+
+class _Segment:
+    def __init__(self, lo: int, hi: int, exits: List[ExitPoint]):
+        self.lo, self.hi, self.exits = lo, hi, exits  # layers [lo, hi), exits at depth hi
+        self.graph = None
+
+
+class StaticEarlyExit:
+    """One row's early-exit decode step over fixed ``[R, 1, h]`` segment buffers."""
+
+    def __init__(self, runner: DepthRunner, cfg, cache: KVCache, exits: Sequence[ExitPoint],
+                 max_pending: int, cuda_graph: bool = False):
+        if cuda_graph and cache.device.type != "cuda":
+            raise ValueError("a CUDA-graph early-exit step needs a CUDA device")
+        self.runner, self.model, self.cfg, self.cache = runner, runner.model, cfg, cache
+        self.L = cfg.model.num_layers
+        self.cuda_graph = cuda_graph
+        depths = sorted({e.depth for e in exits} | {self.L})
+        self.segments, lo = [], 0
+        for d in depths:
+            self.segments.append(_Segment(lo, d, [e for e in exits if e.depth == d]))
+            lo = d
+        R, dev = max_pending + 1, cache.device
+        self.R = R
+        self.x = torch.zeros(R, 1, cfg.model.hidden_size, dtype=runner.store.dtype, device=dev)
+        self.true_pos = torch.zeros(R, dtype=torch.int64, device=dev)  # [R] slot positions
+        self.pos = torch.zeros(R, dtype=torch.int64, device=dev)  # [R] (padding: newest)
+        self.valid = torch.zeros(R, dtype=torch.bool, device=dev)  # [R]
+        self.end = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.key_pos = torch.arange(cache.max_len, device=dev)
+        self.mask = torch.zeros(1, 1, R, cache.max_len, dtype=torch.bool, device=dev)
+        self.write_idx = torch.zeros(R, 1, dtype=torch.int64, device=dev)
+        self.layout = PassLayout(
+            rows=torch.zeros(1, dtype=torch.int64, device=dev), rows_list=[0], starts=[0], ends=[1],
+            s=R, pos=self.pos.view(R, 1), valid=self.valid.view(R, 1), write_idx=self.write_idx,
+            mask=self.mask, start_t=self.end, end_t=self.end, full_batch=True)
+        n_heads = sum(len(s.exits) for s in self.segments) + 1
+        self.logits = None  # [n_heads, V] static outputs (exit heads in order, then final)
+        conf_dtype = torch.promote_types(runner.store.dtype, torch.float32)  # as runner.confidence
+        self.conf = torch.zeros(n_heads, dtype=conf_dtype, device=dev)
+
+    # ------------------------------------------------------------------ the segments
+    def _run_segment(self, j: int) -> None:
+        """Layers of segment j on the static slots, then its heads (what a graph captures)."""
+        seg, model = self.segments[j], self.model
+        self.cache.layout = self.layout
+        torch.where(self.valid.view(-1, 1), self.pos.view(-1, 1),
+                    torch.full_like(self.write_idx, self.cache.max_len), out=self.write_idx)
+        torch.le(self.key_pos.view(1, 1, 1, -1), self.pos.view(1, 1, -1, 1), out=self.mask)
+        rotary = model.rotary(self.pos.view(-1, 1))  # [R, 1, 1, hn] or None
+        x = self.x
+        for d in range(seg.lo, seg.hi):
+            x = model.run_layer(d, x, rotary)
+        self.x.copy_(x)
+        heads = [gather_from_tensor_model_parallel_region(
+            model.exit_logits(e.layer, x[-1:], rotary))[-1] for e in seg.exits]  # [1, V] each
+        if seg.hi == self.L:
+            heads.append(gather_from_tensor_model_parallel_region(model.final_logits(x[-1:]))[-1])
+        first = self._head_index(j)
+        for i, logits in enumerate(heads):
+            if self.logits is None:
+                self.logits = logits.new_zeros(self.conf.numel(), logits.shape[-1])
+            self.logits[first + i].copy_(logits[0])
+            self.conf[first + i].copy_(self.runner.confidence(logits)[0])
+
+    def _head_index(self, j: int) -> int:
+        return sum(len(s.exits) for s in self.segments[:j])
+
+    def _replay(self, j: int) -> None:
+        seg = self.segments[j]
+        if not self.cuda_graph:
+            self._run_segment(j)
+            return
+        if seg.graph is None:
+            side = torch.cuda.Stream(device=self.cache.device)
+            side.wait_stream(torch.cuda.current_stream(self.cache.device))
+            saved = self.x.clone()
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up (same inputs each time: idempotent cache writes)
+                    self.x.copy_(saved)
+                    self._run_segment(j)
+            torch.cuda.current_stream(self.cache.device).wait_stream(side)
+            self.x.copy_(saved)
+            seg.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(seg.graph):
+                self._run_segment(j)
+            self.x.copy_(saved)
+        self.cache.layout = self.layout
+        seg.graph.replay()
+
+    # ------------------------------------------------------------------ one step
+    def _join(self, state: RowState, depth: int, n: int) -> None:
+        """Pending positions at ``depth`` enter the slots with their stored hidden states."""
+        first = state.joins().get(depth)
+        if first is None:
+            return
+        last = state.full + len(state.pend)  # pending positions are full .. newest-1
+        ps = [p for p in range(first, last) if state.pend[p - state.full] == depth]
+        slots = torch.tensor([p - (n - self.R + 1) for p in ps], device=self.x.device)
+        store_rows = torch.tensor([p % self.runner.slots for p in ps], device=self.x.device)
+        self.x.index_copy_(0, slots, self.runner.store[store_rows, 0].unsqueeze(1))
+        self.valid.index_fill_(0, slots, True)
+
+    @torch.no_grad()
+    def decode(self, state: RowState, token: int, capped: bool) -> PassResult:
+        """One decode step of row 0 (its newest token ``token`` at position ``state.newest``)."""
+        n, dev = state.newest, self.x.device
+        first_pos = n - self.R + 1
+        self.true_pos.copy_(torch.clamp(torch.arange(first_pos, n + 1), min=0).to(dev))
+        self.valid.zero_()
+        self.valid[-1] = True
+        self.end.fill_(n + 1)
+        ids = torch.tensor([[token]], device=dev)
+        self.x[-1:].copy_(self.model.embed(ids, self.true_pos[-1:].view(1, 1)))
+        self._join(state, 0, n)
+        decided = None  # (head index, exit layer)
+        for j, seg in enumerate(self.segments):
+            if seg.lo > 0:
+                self._join(state, seg.lo, n)
+            self._invalid_slots_at_newest()
+            self._replay(j)
+            self.runner.token_layers += int(self.valid.sum()) * (seg.hi - seg.lo)
+            first = self._head_index(j)
+            for i, e in enumerate(seg.exits):
+                if decided is None and float(self.conf[first + i]) >= e.threshold:
+                    decided = (first + i, e.layer)
+                    if not capped:
+                        self._save(state)
+                        state.advance(seg.hi, self.L)
+                        return self._result(decided)
+        state.advance(self.L, self.L)
+        return self._result(decided or (self.conf.numel() - 1, self.L))
+
+    def _invalid_slots_at_newest(self) -> None:
+        """Padding slots take the newest position (finite attention; writes go to scratch)."""
+        torch.where(self.valid, self.true_pos, self.true_pos[-1:].expand(self.R), out=self.pos)
+
+    def _save(self, state: RowState) -> None:
+        """In-flight hidden states to the runner's store (slot = position % store slots)."""
+        idx = self.valid.nonzero().view(-1)
+        rows = self.pos.index_select(0, idx) % self.runner.slots
+        self.runner.store[rows, 0] = self.x.index_select(0, idx)[:, 0]
+
+    def _result(self, decided) -> PassResult:
+        i, layer = decided
+        return PassResult(self.logits[i:i + 1].clone(), self.conf[i:i + 1].clone(), [layer])
