@@ -34,6 +34,7 @@
 #   LOG_JSON=$CKPT_DIR/train_log.jsonl   --log-json records (plot: tools/plot_training.py)
 #   TENSORBOARD_DIR=  write TensorBoard scalars there too (needs the tensorboard package)
 #   FILL_BUBBLES=0   1: --fill-explicit-bubbles (exit-loss micro-batches in the 1F1B bubbles; PP > 1)
+#   DIST_OPT=1       1: --use-distributed-optimizer (megatron-core's, AdamW state sharded over DP)
 #   RECOMPUTE=selective  "selective" (core attention), "full" (whole layers) or "" (none)
 #   TORCHRUN=torchrun  launcher (--standalone: rendezvous on a free local port)
 #   EXTRA_ARGS=      more pretrain_early_exit_gpt.py flags, appended last (they win)

@@ -20,6 +20,7 @@ LOG_INTERVAL="${LOG_INTERVAL:-10}"
 LOG_JSON="${LOG_JSON:-$CKPT_DIR/train_log.jsonl}"
 TENSORBOARD_DIR="${TENSORBOARD_DIR:-}"
 FILL_BUBBLES="${FILL_BUBBLES:-0}"
+DIST_OPT="${DIST_OPT:-1}"
 TORCHRUN="${TORCHRUN:-torchrun}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -46,6 +47,7 @@ TRAIN_ARGS=(
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0
     --bf16 --seed 1234
 )
+if [[ "$DIST_OPT" == 1 ]]; then TRAIN_ARGS+=(--use-distributed-optimizer); fi
 # shellcheck disable=SC2206  # DATA_PATH may be a weighted list: split it into words
 DATA_ARGS=(--data-path $DATA_PATH --split 969,30,1 "${TOKENIZER_ARGS[@]}" --make-vocab-size-divisible-by 128)
 RUN_ARGS=(

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="One JSON object per prompt per line.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
     p.add_argument("--fast-decode", choices=["static", "cuda_graph", "compile"],
-                   help="Full-depth steps (--no-early-exit, or threshold 1.0) on static shapes; "
-                        "cuda_graph / compile replay them as a CUDA graph (GPU only).")
+                   help="Decode steps on static shapes (full depth; early exit too, one prompt "
+                        "at a time); cuda_graph / compile replay them as CUDA graphs (GPU only).")
     return p
 
 
