@@ -116,3 +116,24 @@ def test_cache_equals_fresh_prefill(variant, mode, single_rank_parallel):
     assert full_passes > 0
     if isinstance(mode, EarlyExit):
         assert pending_seen, "no token exited early: the test does not exercise recompute"
+
+
+@pytest.mark.parametrize("variant,mode", [
+    ("llama", EarlyExit(threshold=0.5, max_pending=3)),
+    ("llama-norm-mlp-pre", EarlyExit(threshold=0.4)),
+])
+def test_static_early_exit_cache_equals_fresh_prefill(variant, mode, single_rank_parallel):
+    """The same invariant for batch-1 early exit on static segments (static_early_exit.py)."""
+    cfg, model = trained(variant, dtype="float32")
+    engine = Engine(model, cfg, fast_decode="static")
+    full_passes, pending_seen = 0, False
+    for p in random_prompts(torch.Generator().manual_seed(10), 3, cfg.model.vocab_size, 1, 9):
+        sess = engine.session([p], 14, mode=mode)
+        assert sess.static_ee is not None
+        sess.cache.check = True
+        while not sess.done:
+            with sess.attached():
+                sess.step()
+            pending_seen |= any(st.pend for st in sess.states.values())
+            full_passes += _check_cache(sess, model, cfg, cfg.exits.exit_layer_nums)
+    assert full_passes > 0 and pending_seen

@@ -22,7 +22,8 @@ Each segment is the same computation at every step, so with ``cuda_graph=True`` 
 (after eager warm-up runs that rewrite the same cache slots with the same values) and replayed.
 The embedding of the new token and the joins are a few eager kernels between replays.
 Exits with their own attention block (``--use-exit-block``) are not supported here (the engine
-keeps the general pass for them), nor batches > 1.
+keeps the general pass for them), nor batches > 1. ``KVCache.check`` works in eager mode only
+(its assertion reads the device).
 
     step = StaticEarlyExit(runner, cfg, cache, exits, max_pending=16, cuda_graph=True)
     result = step.decode(state, token_id, capped=False)     # PassResult for the one row
@@ -78,13 +79,14 @@ class StaticEarlyExit:
         self.pos = torch.zeros(R, dtype=torch.int64, device=dev)  # [R] (padding: newest)
         self.valid = torch.zeros(R, dtype=torch.bool, device=dev)  # [R]
         self.end = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.start = torch.zeros(1, dtype=torch.int64, device=dev)  # first in-flight position
         self.key_pos = torch.arange(cache.max_len, device=dev)
         self.mask = torch.zeros(1, 1, R, cache.max_len, dtype=torch.bool, device=dev)
         self.write_idx = torch.zeros(R, 1, dtype=torch.int64, device=dev)
         self.layout = PassLayout(
             rows=torch.zeros(1, dtype=torch.int64, device=dev), rows_list=[0], starts=[0], ends=[1],
             s=R, pos=self.pos.view(R, 1), valid=self.valid.view(R, 1), write_idx=self.write_idx,
-            mask=self.mask, start_t=self.end, end_t=self.end, full_batch=True)
+            mask=self.mask, start_t=self.start, end_t=self.end, full_batch=True)
         n_heads = sum(len(s.exits) for s in self.segments) + 1
         self.logits = None  # [n_heads, V] static outputs (exit heads in order, then final)
         conf_dtype = torch.promote_types(runner.store.dtype, torch.float32)  # as runner.confidence
@@ -185,6 +187,7 @@ class StaticEarlyExit:
     def _invalid_slots_at_newest(self) -> None:
         """Padding slots take the newest position (finite attention; writes go to scratch)."""
         torch.where(self.valid, self.true_pos, self.true_pos[-1:].expand(self.R), out=self.pos)
+        self.start.copy_(self.true_pos[self.valid.int().argmax()])  # for KVCache.check
 
     def _save(self, state: RowState) -> None:
         """In-flight hidden states to the runner's store (slot = position % store slots)."""

@@ -31,8 +31,14 @@ def build_optimizer(chunks: Iterable[torch.nn.Module], lr: float, weight_decay: 
 
 
 def build_trainer_optimizer(chunks, ctx, t):
-    """torch AdamW or megatron-core's optimizer, as ``t.optimizer_backend`` resolves on this device."""
-    if t.resolved_optimizer_backend(ctx.device) == "megatron":
+    """torch AdamW or megatron-core's optimizer, as ``t.optimizer_backend`` resolves on this
+    device (auto: megatron-core's on CUDA for float32 parameters, torch AdamW otherwise)."""
+    chunks = list(chunks)
+    backend = t.resolved_optimizer_backend(ctx.device)
+    fp32 = all(p.dtype == torch.float32 for m in chunks for p in m.parameters())
+    if t.optimizer_backend == "auto" and not fp32:
+        backend = "torch"  # --fp64 runs: megatron-core's optimizer takes float32 parameters
+    if backend == "megatron":
         from megatron.early_exit.trainer.megatron_optimizer import MegatronCoreOptimizer
 
         return MegatronCoreOptimizer(list(chunks), ctx, t)
