@@ -62,3 +62,27 @@ def test_state_moves_between_per_param_and_per_group_step_optimizers():
     _steps(adamw2, back, 1, seed=1)
     for p, r in zip(src, back):
         assert torch.equal(p, r)
+
+
+def test_backend_selection_and_errors_name_the_flags(single_rank_parallel):
+    """auto picks torch AdamW on CPU; megatron-core's optimizer is refused there by name."""
+    import pytest
+
+    from megatron.early_exit.config import ConfigError, EarlyExitGPTConfig, ExitConfig, ModelConfig, TrainConfig
+    from megatron.early_exit.parallel.state import build_model, initialize_parallel
+    from megatron.early_exit.trainer.optimizer import build_trainer_optimizer
+
+    cfg = EarlyExitGPTConfig(model=ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2,
+                                               vocab_size=32, seq_length=8),
+                             exits=ExitConfig(exit_layer_nums=[1]))
+    ctx = initialize_parallel(cfg, torch.device("cpu"))
+    chunks = build_model(cfg, ctx)
+    assert isinstance(build_trainer_optimizer(chunks, ctx, TrainConfig()), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="--optimizer-backend megatron"):
+        build_trainer_optimizer(chunks, ctx, TrainConfig(optimizer_backend="megatron"))
+    with pytest.raises(ConfigError, match="--use-distributed-optimizer"):
+        build_trainer_optimizer(chunks, ctx, TrainConfig(use_distributed_optimizer=True))
+    with pytest.raises(ConfigError, match="--use-distributed-optimizer"):
+        TrainConfig(optimizer_backend="torch", use_distributed_optimizer=True)
+    with pytest.raises(ConfigError, match="--optimizer-backend"):
+        TrainConfig(optimizer_backend="apex")

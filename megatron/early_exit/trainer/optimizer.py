@@ -38,6 +38,12 @@ def build_trainer_optimizer(chunks, ctx, t):
     fp32 = all(p.dtype == torch.float32 for m in chunks for p in m.parameters())
     if t.optimizer_backend == "auto" and not fp32:
         backend = "torch"  # --fp64 runs: megatron-core's optimizer takes float32 parameters
+    if backend == "torch" and t.use_distributed_optimizer:
+        from megatron.early_exit.config import ConfigError
+
+        raise ConfigError("--use-distributed-optimizer is megatron-core's optimizer, which needs CUDA "
+                          "and float32 parameters; this run uses torch AdamW "
+                          f"({ctx.device.type}, {'float32' if fp32 else 'non-float32'} parameters)")
     if backend == "megatron":
         from megatron.early_exit.trainer.megatron_optimizer import MegatronCoreOptimizer
 
