@@ -83,7 +83,9 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
                    help="Backward / forward time, sizes the bubbles.")
     g.add_argument("--tune-exit", action="store_true", help="Freeze the backbone, train only exits.")
     g.add_argument("--tune-exit-pipeline-parallel-size", type=int,
-                   help="Load and run only the first K pipeline stages when tuning exits.")
+                   help="With --tune-exit: load and run only the first K of the "
+                        "--pipeline-model-parallel-size stages (TP x K x DP ranks); checkpoints "
+                        "are saved whole (the untouched layers come from --load).")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -163,16 +165,41 @@ class Configs:
     schedule: ScheduleConfig
 
 
+def tuning_truncation(a: argparse.Namespace) -> tuple:
+    """(layers, pipeline stages) this run builds. With ``--tune-exit-pipeline-parallel-size K``
+    it runs only the first K of the --pipeline-model-parallel-size P stages: the model is cut
+    after their layers (every exit must lie there) and the world holds TP x K x DP ranks."""
+    k, p, layers = a.tune_exit_pipeline_parallel_size, a.pipeline_model_parallel_size, a.num_layers
+    if k is None:
+        return layers, p
+    if not a.tune_exit:
+        raise ConfigError("--tune-exit-pipeline-parallel-size needs --tune-exit")
+    if not 1 <= k <= p:
+        raise ConfigError(f"--tune-exit-pipeline-parallel-size must be in [1, "
+                          f"--pipeline-model-parallel-size={p}], got {k}")
+    if layers % p:
+        raise ConfigError(f"--num-layers ({layers}) must be divisible by "
+                          f"--pipeline-model-parallel-size ({p})")
+    if a.num_layers_per_virtual_pipeline_stage is not None:
+        raise ConfigError("--tune-exit-pipeline-parallel-size cannot be combined with "
+                          "--num-layers-per-virtual-pipeline-stage")
+    kept = layers // p * k
+    beyond = [x for x in (a.exit_layer_nums or []) if x > kept]
+    if beyond:
+        raise ConfigError(f"--tune-exit-pipeline-parallel-size {k} keeps layers 1..{kept} of {layers}; "
+                          f"--exit-layer-nums {beyond} lie beyond them")
+    return kept, k
+
+
 def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -> Configs:
     """Translate parsed flags into validated configs; ``vocab_size`` is already padded."""
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required (or --use-checkpoint-args with --load)")
-    if a.tune_exit_pipeline_parallel_size is not None:
-        raise ConfigError("--tune-exit-pipeline-parallel-size is not supported yet: run --tune-exit with "
-                          "the full --pipeline-model-parallel-size (stages after the last exit stay idle)")
+    num_layers, pp = tuning_truncation(a)
     model = ModelConfig(
-        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
+        num_layers=num_layers, init_num_layers=a.num_layers if num_layers != a.num_layers else None,
+        hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
         vocab_size=vocab_size, ffn_hidden_size=a.ffn_hidden_size, num_query_groups=a.num_query_groups,
         seq_length=a.seq_length, max_position_embeddings=a.max_position_embeddings,
         architecture=a.architecture, normalization=a.normalization, swiglu=a.swiglu,
@@ -192,7 +219,7 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -
         final_layer_weight=a.final_layer_weight)
     parallel = ParallelConfig(
         tensor_model_parallel_size=a.tensor_model_parallel_size,
-        pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+        pipeline_model_parallel_size=pp,
         sequence_parallel=a.sequence_parallel,
         num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
         world_size=world_size)

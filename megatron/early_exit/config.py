@@ -49,6 +49,9 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    # depth used by the init's output-projection scaling (a truncated exit-tuning run uses the
+    # full model's, so its fresh exits start as they would in the full model); None: num_layers
+    init_num_layers: Optional[int] = None
 
     def __post_init__(self):
         _require(self.architecture in ARCHITECTURES,

@@ -84,7 +84,8 @@ def load_full_optimizer_state(load_dir: str, iteration: Optional[int] = None) ->
 
 # ------------------------------------------------------------------------------ checks
 def check_config(saved: dict, cfg, strict: bool = True) -> None:
-    """Raise naming the first structural field where ``cfg`` differs from the saved config."""
+    """Raise naming the first structural field where ``cfg`` differs from the saved config
+    (not strict: exits may differ and the model may keep only the first layers)."""
     pairs = [("model", f) for f in MODEL_FIELDS]
     if cfg.model.position_embedding_type == "learned_absolute":
         pairs.append(("model", "max_position_embeddings"))
@@ -93,7 +94,8 @@ def check_config(saved: dict, cfg, strict: bool = True) -> None:
     for section, name in pairs:
         theirs = saved.get(section, {}).get(name)
         ours = getattr(getattr(cfg, section), name)
-        if theirs != ours:
+        if not strict and name == "num_layers" and isinstance(theirs, int) and ours <= theirs:
+            continue  # a truncated exit-tuning model (--tune-exit-pipeline-parallel-size)
             raise fmt.CheckpointError(f"the checkpoint does not fit this model: {section}.{name} is "
                                       f"{theirs!r} in the checkpoint but {ours!r} here")
 

@@ -95,6 +95,19 @@ def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
     if with_optimizer:
         optim = {n: reader.state(n) for n in index if reader.has_state(n)}
         groups = reader.open(fmt.optim_file(0, 0))["param_groups"]
+    tok = [os.path.join(src_dir, rel) for rel in meta["tokenizer_files"]]
+    return write_whole_checkpoint(save_dir, dict(meta, config=config, tensors=index), tensors,
+                                  tok, optim, groups)
+
+
+def write_whole_checkpoint(save_dir: str, meta: dict, tensors: Dict[str, torch.Tensor],
+                           tokenizer_paths, optim: Optional[dict] = None, groups=None) -> str:
+    """Commit a checkpoint from full tensors: ``meta`` holds iteration, config (its parallel
+    section is the target layout), tensors (the index, with each name's target pp_rank),
+    train_config, args and extra. No RNG states; optimizer state only if ``optim``."""
+    par = meta["config"]["parallel"]
+    tp, pp = par["tensor_model_parallel_size"], par["pipeline_model_parallel_size"]
+    index = meta["tensors"]
     os.makedirs(save_dir, exist_ok=True)
     tmp = os.path.join(save_dir, f"{fmt.iteration_name(meta['iteration'])}.tmp-{fmt.new_nonce()}")
     os.makedirs(tmp)
@@ -104,17 +117,16 @@ def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
             names = sorted(n for n, e in index.items() if e["pp_rank"] == p)
             for t in range(tp):
                 files.update(_write_stage(tmp, t, p, tp, pp, names, index, tensors, optim, groups))
-        tok = [os.path.join(src_dir, rel) for rel in meta["tokenizer_files"]]
-        files.update(copy_tokenizer_files(tmp, tok))
+        files.update(copy_tokenizer_files(tmp, tokenizer_paths))
         layout = {"world_size": tp * pp, "tensor_model_parallel_size": tp,
                   "pipeline_model_parallel_size": pp, "data_parallel_size": 1,
                   "virtual_pipeline_chunks": 1}
-        args = dict(meta["args"])
+        args = dict(meta["args"] or {})
         for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
             if key in args:
                 args[key] = value
-        new_meta = build_metadata(meta["iteration"], config, meta["train_config"], layout, index,
-                                  files, args, meta["extra"], with_optimizer, False)
+        new_meta = build_metadata(meta["iteration"], meta["config"], meta["train_config"], layout,
+                                  index, files, args, meta["extra"], optim is not None, False)
         return fmt.commit(save_dir, tmp, meta["iteration"], new_meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,5 +43,5 @@ def initialize_model(model, seed: int, tp_rank: int, tp_size: int) -> None:
         canon = names[local_name]
         spec = shard_spec(local_name, param, m.swiglu)
         full = full_init_tensor(canon, full_shape(param, spec, tp_size), m.init_method_std,
-                                m.num_layers, seed)
+                                m.init_num_layers or m.num_layers, seed)
         param.copy_(shard(full, spec, tp_rank, tp_size).to(param.dtype))

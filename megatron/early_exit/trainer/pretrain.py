@@ -84,6 +84,33 @@ def build_data(configs: Configs, setup, tokenizer):
     return build_gpt_datasets(configs.run, configs.model.model.seq_length, configs.model.seed, tokenizer, sizes)
 
 
+def save_truncated_tuning(setup, run, args, extra, tokenizer_dir) -> str:
+    """Checkpoint of a --tune-exit-pipeline-parallel-size run: this run's stages go to
+    ``<save>/.truncated``, then rank 0 writes the whole model (base backbone from --load, tuned
+    exits) to --save at (TP, --pipeline-model-parallel-size); errors fail every rank."""
+    from megatron.early_exit.checkpoint.merge import merge_tuned_exits
+    from megatron.early_exit.checkpoint.save import save_checkpoint
+
+    staging = os.path.join(run.save, ".truncated")
+    save_checkpoint(staging, setup, args=vars(args), extra=extra, tokenizer_files=[tokenizer_dir],
+                    save_optimizer=False, save_rng=False)
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", merge_tuned_exits(run.load, staging, run.save,
+                                                  tp=args.tensor_model_parallel_size,
+                                                  pp=args.pipeline_model_parallel_size,
+                                                  base_iteration=run.load_iteration))
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            outcome[0] = ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(outcome, src=0)
+    status, detail = outcome[0]
+    if status != "ok":
+        raise RuntimeError(f"merging the tuned exits into a whole checkpoint failed: {detail} "
+                           f"(this run's stages are in {staging})")
+    return detail
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     from megatron.early_exit.checkpoint.load import checkpoint_exists, load_checkpoint
     from megatron.early_exit.checkpoint.save import save_checkpoint
@@ -126,10 +153,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
             save_tokenizer_files(tokenizer, tokenizer_dir)
         dist.barrier()
 
+    truncated = configs.model.model.num_layers < args.num_layers  # --tune-exit-pipeline-parallel-size
+    if truncated and not (run.load and checkpoint_exists(run.load)):
+        raise SystemExit("--tune-exit-pipeline-parallel-size needs --load with the model to tune "
+                         "(its later layers are copied into every saved checkpoint)")
+
     def save(s):
-        save_checkpoint(run.save, s, args=vars(args),
-                        extra={"consumed_samples": s.iteration * s.train.global_batch_size},
-                        tokenizer_files=[tokenizer_dir])
+        extra = {"consumed_samples": s.iteration * s.train.global_batch_size}
+        if not truncated:
+            save_checkpoint(run.save, s, args=vars(args), extra=extra, tokenizer_files=[tokenizer_dir])
+            return
+        save_truncated_tuning(s, run, args, extra, tokenizer_dir)
 
     train(setup, train_ds, valid_ds, logger, save_fn=save if run.save else None,
           save_interval=run.save_interval)
