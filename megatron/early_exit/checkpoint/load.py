@@ -85,7 +85,8 @@ def load_full_optimizer_state(load_dir: str, iteration: Optional[int] = None) ->
 # ------------------------------------------------------------------------------ checks
 def check_config(saved: dict, cfg, strict: bool = True) -> None:
     """Raise naming the first structural field where ``cfg`` differs from the saved config
-    (not strict: exits may differ and the model may keep only the first layers)."""
+    (not strict: exits may differ, and a truncated tuning model, whose ``init_num_layers`` is
+    the saved depth, may keep only the first layers)."""
     pairs = [("model", f) for f in MODEL_FIELDS]
     if cfg.model.position_embedding_type == "learned_absolute":
         pairs.append(("model", "max_position_embeddings"))
@@ -94,8 +95,9 @@ def check_config(saved: dict, cfg, strict: bool = True) -> None:
     for section, name in pairs:
         theirs = saved.get(section, {}).get(name)
         ours = getattr(getattr(cfg, section), name)
-        if not strict and name == "num_layers" and isinstance(theirs, int) and ours <= theirs:
-            continue  # a truncated exit-tuning model (--tune-exit-pipeline-parallel-size)
+        if not strict and name == "num_layers" and cfg.model.init_num_layers == theirs:
+            continue  # the first layers of this model (--tune-exit-pipeline-parallel-size)
+        if theirs != ours:
             raise fmt.CheckpointError(f"the checkpoint does not fit this model: {section}.{name} is "
                                       f"{theirs!r} in the checkpoint but {ours!r} here")
 
