@@ -13,9 +13,9 @@ acceptance rate. Modes are timed round-robin, best of ``--repeats`` runs.
 
 Full depth runs three ways: the engine's general pass ("full"), static shapes ("full static",
 inference/static_decode.py) and, on CUDA, the static step replayed as one CUDA graph ("full
-graph"); at batch 1, early exit also runs on static layer segments ("tau=... static", or "graph"
-on CUDA: one CUDA graph per segment, inference/static_early_exit.py). Speedups are relative to
-"full". On CUDA the run ends with the memory roofline of a
+graph"); at batch 1, early exit and self-speculative decoding also run on static layer segments
+("... static", or "... graph" on CUDA: one CUDA graph per segment, inference/static_early_exit.py).
+Speedups are relative to "full". On CUDA the run ends with the memory roofline of a
 batch-1 full-depth step: bytes of the parameters one step reads (every decoder layer, the final
 norm and the output projection) over the HBM bandwidth measured here by a device-to-device copy,
 against the graph replay's time per step (CUDA events, tokens and positions fixed).
@@ -139,6 +139,8 @@ def run_modes(engines, prompts, batch, args):
         kind = "graph" if "full graph" in engines else "static"
         modes += [(f"early-exit tau={t} {kind}", EarlyExit(threshold=float(t)), fast)
                   for t in args.taus.split(",") if float(t) < 1.0]
+        modes += [(f"self-spec exit={e} k={args.num_draft} {kind}",
+                   SelfSpeculative(int(e), args.num_draft), fast) for e in args.spec_exits.split(",")]
     modes += [(f"self-spec exit={e} k={args.num_draft}", SelfSpeculative(int(e), args.num_draft), general)
               for e in args.spec_exits.split(",")]
     for engine in engines.values():  # warm-up (captures the CUDA graph of this batch size)

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="One JSON object per prompt per line.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
     p.add_argument("--fast-decode", choices=["static", "cuda_graph", "compile"],
-                   help="Decode steps on static shapes (full depth; early exit too, one prompt "
-                        "at a time); cuda_graph / compile replay them as CUDA graphs (GPU only).")
+                   help="Decode steps on static shapes (full depth; early exit and self-speculative "
+                        "too, for one prompt); cuda_graph / compile replay them as CUDA graphs (GPU only).")
     return p
 
 

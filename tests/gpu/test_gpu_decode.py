@@ -76,5 +76,13 @@ def test_cuda_graph_early_exit_matches_static_and_general(single_rank_parallel):
             assert outs[None].confidences == pytest.approx(outs["static"].confidences, rel=1e-4)
             exited += sum(layer < cfg.model.num_layers for layer in outs[None].exit_layers)
     assert exited > 0
+    from megatron.early_exit.inference.modes import SelfSpeculative
+
+    for p in prompts:  # drafting (forced exit) and verification on the same segment graphs
+        outs = {k: e.generate([p], 24, mode=SelfSpeculative(exit_layer=1, num_draft=3))[0]
+                for k, e in engines.items()}
+        assert (outs["static"].tokens, outs["static"].confidences) == (
+            outs["cuda_graph"].tokens, outs["cuda_graph"].confidences)
+        assert outs[None].tokens == outs["static"].tokens
     assert all(seg.graph is not None for step in engines["cuda_graph"]._static_ee.values()
                for seg in step.segments)

@@ -10,6 +10,7 @@ import torch
 
 from megatron.early_exit.inference.early_exit import exit_depth
 from megatron.early_exit.inference.engine import Engine
+from megatron.early_exit.inference.static_early_exit import StaticRunner
 from megatron.early_exit.inference.kv_cache import KVCache, make_layout
 from megatron.early_exit.inference.modes import EarlyExit, SelfSpeculative
 from tests.unit.engine_testlib import random_prompts, trained
@@ -129,7 +130,7 @@ def test_static_early_exit_cache_equals_fresh_prefill(variant, mode, single_rank
     full_passes, pending_seen = 0, False
     for p in random_prompts(torch.Generator().manual_seed(10), 3, cfg.model.vocab_size, 1, 9):
         sess = engine.session([p], 14, mode=mode)
-        assert sess.static_ee is not None
+        assert isinstance(sess.runner, StaticRunner)
         sess.cache.check = True
         while not sess.done:
             with sess.attached():

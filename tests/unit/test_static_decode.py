@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron.early_exit.inference.engine import Engine
-from megatron.early_exit.inference.modes import EarlyExit, FullDepth
+from megatron.early_exit.inference.static_early_exit import StaticRunner
+from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
 from megatron.early_exit.inference.sampling import SamplingParams
 from megatron.early_exit.inference.stopping import StopCriteria
 from tests.unit.engine_testlib import random_prompts, reference_greedy, trained
@@ -52,7 +53,7 @@ def test_static_step_is_not_used_when_exits_can_fire(single_rank_parallel):
     engine = Engine(model, cfg, fast_decode="static")
     prompts = random_prompts(torch.Generator().manual_seed(13), 2, cfg.model.vocab_size, 2, 8)
     sess = engine.session(prompts, 4, mode=EarlyExit(threshold=0.5))
-    assert sess.static is None
+    assert sess.static is None and not isinstance(sess.runner, StaticRunner)  # batch 2
     with pytest.raises(ValueError, match="fast_decode"):
         Engine(model, cfg, fast_decode="graph")
     with pytest.raises(ValueError, match="CUDA"):
@@ -73,10 +74,39 @@ def test_static_early_exit_equals_general_pass(variant, single_rank_parallel):
                  EarlyExit(threshold=0.4, exit_layers=(cfg.exits.exit_layer_nums[-1],))):
         for p in prompts:
             sess = static.session([p], 16, mode=mode)
-            assert sess.static_ee is not None
+            assert isinstance(sess.runner, StaticRunner)
             want = general.generate([p], 16, mode=mode)[0]
             got = static.generate([p], 16, mode=mode)[0]
             assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers), mode
             assert got.confidences == pytest.approx(want.confidences, rel=1e-9)
             exited += sum(layer < cfg.model.num_layers for layer in want.exit_layers)
     assert exited > 10  # early exits (and so pending tokens and joins) were exercised
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-norm-mlp-pre"])
+def test_static_self_speculative_equals_general_pass(variant, single_rank_parallel):
+    """Self-speculative drafting (forced exit) and verification (final logits of every slot)
+    through the StaticRunner: same tokens, exit layers, confidences and acceptance counts as the
+    general pass, greedy and sampled."""
+    cfg, model = trained(variant)
+    prompts = random_prompts(torch.Generator().manual_seed(15), 3, cfg.model.vocab_size, 2, 10)
+    general, static = Engine(model, cfg), Engine(model, cfg, fast_decode="static")
+    drafted = 0
+    for exit_layer in cfg.exits.exit_layer_nums[:2]:
+        for k, sampling in ((3, SamplingParams(temperature=0.0)),
+                            (4, SamplingParams(temperature=0.8, seed=7))):
+            mode = SelfSpeculative(exit_layer=exit_layer, num_draft=k)
+            for p in prompts:
+                ws, gs = general.session([p], 15, sampling=sampling, mode=mode), static.session(
+                    [p], 15, sampling=sampling, mode=mode)
+                assert isinstance(gs.runner, StaticRunner)
+                for sess in (ws, gs):
+                    with sess.attached():
+                        while not sess.done:
+                            sess.step()
+                want, got = ws.outputs[0], gs.outputs[0]
+                assert (got.tokens, got.exit_layers) == (want.tokens, want.exit_layers)
+                assert got.confidences == pytest.approx(want.confidences, rel=1e-9)
+                assert gs.stats == ws.stats
+                drafted += ws.stats["drafted"]
+    assert drafted > 0

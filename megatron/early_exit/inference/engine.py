@@ -81,7 +81,7 @@ class Engine:
                              f"{fast_decode!r}")
         self.fast_decode = fast_decode
         self._static = None  # StaticDecodeStep of the current cache
-        self._static_ee = {}  # StaticEarlyExit per (cache, exits, slots, confidence)
+        self._static_ee = {}  # StaticRunner per (exits, slots, confidence) of the current cache
 
     def static_step(self, cache: KVCache):
         """The StaticDecodeStep for ``cache`` (built once per cache; None if fast_decode is off)."""
@@ -107,24 +107,25 @@ class Engine:
         self._cache.reset()
         return self._cache
 
-    def static_early_exit(self, session: "Session"):
-        """The batch-1 static early-exit step for this session (None if fast_decode is off or
-        the session is not served by it); its graphs are kept for later sessions."""
+    def static_runner(self, session: "Session", runner: DepthRunner, in_flight: int):
+        """A StaticRunner in place of ``runner`` for a batch-1 session with exits (early exit or
+        self-speculative) when fast_decode is on, else ``runner``; graphs are kept for later
+        sessions of the same cache, exits and slot count."""
         from megatron.early_exit.inference import static_early_exit as see
 
-        mode = session.mode
-        if (self.fast_decode is None or not isinstance(mode, EarlyExit) or not session.exits
+        if (self.fast_decode is None or not session.exits
                 or not see.supports(self.model, session.exits, len(session.prompts))):
-            return None
-        key = (id(session.cache), tuple(session.exits), mode.max_pending, mode.confidence)
-        if key not in self._static_ee or self._static_ee[key].cache is not session.cache:
-            self._static_ee = {k: v for k, v in self._static_ee.items() if v.cache is session.cache}
-            self._static_ee[key] = see.StaticEarlyExit(
-                session.runner, self.cfg, session.cache, session.exits, mode.max_pending,
+            return runner
+        key = (tuple((e.depth, e.layer) for e in session.exits), in_flight, runner.confidence_kind)
+        if any(v.cache is not session.cache for v in self._static_ee.values()):
+            self._static_ee = {}  # a new cache: the old graphs wrote into the old buffers
+        if key not in self._static_ee:
+            self._static_ee[key] = see.StaticRunner(
+                runner, self.cfg, session.cache, session.exits, in_flight,
                 cuda_graph=self.fast_decode in ("cuda_graph", "compile"))
-        step = self._static_ee[key]
-        step.runner = session.runner  # the session's store of pending hidden states
-        return step
+        static = self._static_ee[key]
+        static.runner = runner  # this session's store of pending hidden states
+        return static
 
     def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: Sampling = GREEDY, stop: Optional[StopCriteria] = None, mode=FullDepth(),
@@ -185,7 +186,8 @@ class Session:
                                   getattr(mode, "confidence", "max_prob"))
         # full depth every step (no exit can fire): static shapes / CUDA graph if enabled
         self.static = None if self.exits else engine.static_step(self.cache)
-        self.static_ee = engine.static_early_exit(self)  # batch-1 early exit, static shapes
+        # batch 1 with exits: passes on static layer segments (StaticRunner) if enabled
+        self.runner = engine.static_runner(self, self.runner, in_flight=slots - 1)
         self.states = {r: RowState(newest=len(p) - 1) for r, p in enumerate(self.prompts)}
         self.last = [p[-1] for p in self.prompts]  # newest token id per row
         self.live: List[int] = list(range(B))  # rows still generating, in batch order
@@ -228,11 +230,6 @@ class Session:
         if isinstance(self.mode, EarlyExit):
             cap = self.mode.max_pending
             capped = [r for r in rows if len(self.states[r].pend) >= cap]
-            if self.static_ee is not None:
-                (r,) = rows
-                res = self.static_ee.decode(self.states[r], self.last[r], capped=bool(capped))
-                self.stats["passes"] += 1
-                return self._single_token_step(rows, res)
         res = self.runner.run(rows, self.states, self.token_ids(rows), self.exits, capped)
         self.stats["passes"] += 1
         return self._single_token_step(rows, res)

@@ -1,22 +1,29 @@
-"""Batch-1 confidence-based early exit on static shapes: one CUDA graph per layer segment.
+"""Batch-1 early exit and self-speculative decoding on static shapes: a CUDA graph per segment.
 
 The general pass (early_exit.DepthRunner) re-plans its shapes at every exit and every join of
 pending tokens, so on a GPU it runs eagerly, launch-bound. With one row the plan is simple enough
 to fix the shapes instead. The exits' depths cut the layers into *segments*; a decode step runs
 segment after segment until an exit fires:
 
-- every segment works on ``R = max_pending + 1`` end-aligned slots ``[R, 1, h]``: slot ``R-1`` is
+- every segment works on ``R`` end-aligned slots ``[R, 1, h]`` (R = the most tokens a pass can
+  carry: max pending tokens, or drafts, plus the newest): slot ``R-1`` is
   the newest token (position ``n``), slot ``i`` position ``n - R + 1 + i``. A slot is *valid* when
   its position is in flight: the newest token, plus the pending tokens (exited earlier, no deep KV)
   that joined at a segment start equal to their depth, their hidden states read from the runner's
   store. Invalid slots carry position ``n`` (finite attention) and write their keys/values to the
   cache's scratch slot, so the cache sees exactly the general pass's writes;
 - the segment computes its layers, then each exit at its end: the newest slot's exit logits and
-  confidence into static buffers. The host reads the confidence (one sync per exit, as in the
-  general pass) and either stops (the in-flight hidden states go to the store, the row's depth
-  bookkeeping advances) or joins the pending tokens of the next depth and runs the next segment.
-  A capped row (``max_pending`` reached) keeps the first fired exit's token but runs to full depth,
-  which fills every pending token's KV.
+  confidence into static buffers (the last segment: the final head's logits of every slot). The
+  host reads the confidence (one sync per exit, as in the general pass) and either stops (the
+  in-flight hidden states go to the store, the row's depth bookkeeping advances) or joins the
+  pending tokens of the next depth and runs the next segment. A capped row (``max_pending``
+  reached) keeps the first fired exit's token but runs to full depth, which fills every pending
+  token's KV. A forced exit (self-speculative drafting) always fires; an exit without a threshold
+  never does (the verify pass, which returns the final logits of every slot).
+
+``StaticRunner`` keeps DepthRunner's contract (``run``, ``prefill`` delegated to the general
+pass, ``confidence``, ``store``), so the engine's EarlyExit steps and speculative.py's draft and
+verify passes use it unchanged.
 
 Each segment is the same computation at every step, so with ``cuda_graph=True`` it is captured once
 (after eager warm-up runs that rewrite the same cache slots with the same values) and replayed.
@@ -25,8 +32,8 @@ Exits with their own attention block (``--use-exit-block``) are not supported he
 keeps the general pass for them), nor batches > 1. ``KVCache.check`` works in eager mode only
 (its assertion reads the device).
 
-    step = StaticEarlyExit(runner, cfg, cache, exits, max_pending=16, cuda_graph=True)
-    result = step.decode(state, token_id, capped=False)     # PassResult for the one row
+    runner = StaticRunner(depth_runner, cfg, cache, exits, in_flight=17, cuda_graph=True)
+    result = runner.run([0], states, token_ids, exits, capped=[])   # as DepthRunner.run
 
 Tests: tests/unit/test_static_decode.py (CPU, eager, against the general pass),
 tests/gpu/test_gpu_decode.py (graphs).
@@ -34,7 +41,7 @@ tests/gpu/test_gpu_decode.py (graphs).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -42,13 +49,12 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.early_exit.inference.early_exit import DepthRunner, ExitPoint, PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
 
-__all__ = ["StaticEarlyExit", "supports"]
+__all__ = ["StaticRunner", "supports"]
 
 
 def supports(model, exits: Sequence[ExitPoint], batch: int) -> bool:
-    """Whether the static early-exit step can serve these exits at this batch size."""
-    return batch == 1 and all(e.threshold is not None and not e.force for e in exits) and all(
-        model.exits[str(e.layer)].block is None for e in exits)
+    """Whether the static runner can serve a session with these exit points at this batch."""
+    return batch == 1 and all(model.exits[str(e.layer)].block is None for e in exits)
 
 
 class _Segment:
@@ -57,11 +63,11 @@ class _Segment:
         self.graph = None
 
 
-class StaticEarlyExit:
-    """One row's early-exit decode step over fixed ``[R, 1, h]`` segment buffers."""
+class StaticRunner:
+    """DepthRunner's decode passes for one row over fixed ``[R, 1, h]`` segment buffers."""
 
     def __init__(self, runner: DepthRunner, cfg, cache: KVCache, exits: Sequence[ExitPoint],
-                 max_pending: int, cuda_graph: bool = False):
+                 in_flight: int, cuda_graph: bool = False):
         if cuda_graph and cache.device.type != "cuda":
             raise ValueError("a CUDA-graph early-exit step needs a CUDA device")
         self.runner, self.model, self.cfg, self.cache = runner, runner.model, cfg, cache
@@ -70,9 +76,9 @@ class StaticEarlyExit:
         depths = sorted({e.depth for e in exits} | {self.L})
         self.segments, lo = [], 0
         for d in depths:
-            self.segments.append(_Segment(lo, d, [e for e in exits if e.depth == d]))
+            self.segments.append(_Segment(lo, d, sorted({e.layer for e in exits if e.depth == d})))
             lo = d
-        R, dev = max_pending + 1, cache.device
+        R, dev = in_flight, cache.device
         self.R = R
         self.x = torch.zeros(R, 1, cfg.model.hidden_size, dtype=runner.store.dtype, device=dev)
         self.true_pos = torch.zeros(R, dtype=torch.int64, device=dev)  # [R] slot positions
@@ -87,10 +93,11 @@ class StaticEarlyExit:
             rows=torch.zeros(1, dtype=torch.int64, device=dev), rows_list=[0], starts=[0], ends=[1],
             s=R, pos=self.pos.view(R, 1), valid=self.valid.view(R, 1), write_idx=self.write_idx,
             mask=self.mask, start_t=self.start, end_t=self.end, full_batch=True)
-        n_heads = sum(len(s.exits) for s in self.segments) + 1
-        self.logits = None  # [n_heads, V] static outputs (exit heads in order, then final)
+        n_heads = sum(len(s.exits) for s in self.segments)
+        self.logits = None  # [n_heads, V] static outputs of the exit heads, in segment order
+        self.final_all = None  # [R, 1, V] final-head logits of every slot
         conf_dtype = torch.promote_types(runner.store.dtype, torch.float32)  # as runner.confidence
-        self.conf = torch.zeros(n_heads, dtype=conf_dtype, device=dev)
+        self.conf = torch.zeros(n_heads + 1, dtype=conf_dtype, device=dev)  # last: final head
 
     # ------------------------------------------------------------------ the segments
     def _run_segment(self, j: int) -> None:
@@ -105,16 +112,20 @@ class StaticEarlyExit:
         for d in range(seg.lo, seg.hi):
             x = model.run_layer(d, x, rotary)
         self.x.copy_(x)
-        heads = [gather_from_tensor_model_parallel_region(
-            model.exit_logits(e.layer, x[-1:], rotary))[-1] for e in seg.exits]  # [1, V] each
-        if seg.hi == self.L:
-            heads.append(gather_from_tensor_model_parallel_region(model.final_logits(x[-1:]))[-1])
         first = self._head_index(j)
-        for i, logits in enumerate(heads):
+        for i, layer in enumerate(seg.exits):
+            logits = gather_from_tensor_model_parallel_region(
+                model.exit_logits(layer, x[-1:], rotary))[-1]  # [1, V]
             if self.logits is None:
-                self.logits = logits.new_zeros(self.conf.numel(), logits.shape[-1])
+                self.logits = logits.new_zeros(self.conf.numel() - 1, logits.shape[-1])
             self.logits[first + i].copy_(logits[0])
             self.conf[first + i].copy_(self.runner.confidence(logits)[0])
+        if seg.hi == self.L:
+            final = gather_from_tensor_model_parallel_region(model.final_logits(x))  # [R, 1, V]
+            if self.final_all is None:
+                self.final_all = torch.empty_like(final)
+            self.final_all.copy_(final)
+            self.conf[-1].copy_(self.runner.confidence(final[-1])[0])
 
     def _head_index(self, j: int) -> int:
         return sum(len(s.exits) for s in self.segments[:j])
@@ -154,18 +165,39 @@ class StaticEarlyExit:
         self.x.index_copy_(0, slots, self.runner.store[store_rows, 0].unsqueeze(1))
         self.valid.index_fill_(0, slots, True)
 
+    # ------------------------------------------------------------------ DepthRunner's contract
+    def prefill(self, *args, **kwargs) -> PassResult:
+        return self.runner.prefill(*args, **kwargs)  # prompts: the general pass
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.runner.confidence(logits)
+
+    @property
+    def store(self) -> torch.Tensor:
+        return self.runner.store
+
+    @property
+    def slots(self) -> int:
+        return self.runner.slots
+
     @torch.no_grad()
-    def decode(self, state: RowState, token: int, capped: bool) -> PassResult:
-        """One decode step of row 0 (its newest token ``token`` at position ``state.newest``)."""
+    def run(self, rows: Sequence[int], states: Dict[int, RowState], token_ids: torch.Tensor,
+            exits: Sequence[ExitPoint] = (), capped: Sequence[int] = (),
+            all_final: bool = False) -> PassResult:
+        """One decode pass of the single row (as DepthRunner.run): its newest token
+        ``token_ids [1]`` from the embedding down to the first exit of ``exits`` that fires
+        (``force``: always; threshold None: never) or to the final head; with ``all_final``
+        also the final logits of every slot (the verify pass of self-speculative decoding)."""
+        (r,) = rows
+        state, capped = states[r], r in capped
         n, dev = state.newest, self.x.device
-        first_pos = n - self.R + 1
-        self.true_pos.copy_(torch.clamp(torch.arange(first_pos, n + 1), min=0).to(dev))
+        self.true_pos.copy_(torch.clamp(torch.arange(n - self.R + 1, n + 1), min=0).to(dev))
         self.valid.zero_()
         self.valid[-1] = True
         self.end.fill_(n + 1)
-        ids = torch.tensor([[token]], device=dev)
-        self.x[-1:].copy_(self.model.embed(ids, self.true_pos[-1:].view(1, 1)))
+        self.x[-1:].copy_(self.model.embed(token_ids.view(1, 1), self.true_pos[-1:].view(1, 1)))
         self._join(state, 0, n)
+        firing = {e.layer: e for e in exits}
         decided = None  # (head index, exit layer)
         for j, seg in enumerate(self.segments):
             if seg.lo > 0:
@@ -174,15 +206,18 @@ class StaticEarlyExit:
             self._replay(j)
             self.runner.token_layers += int(self.valid.sum()) * (seg.hi - seg.lo)
             first = self._head_index(j)
-            for i, e in enumerate(seg.exits):
-                if decided is None and float(self.conf[first + i]) >= e.threshold:
-                    decided = (first + i, e.layer)
-                    if not capped:
-                        self._save(state)
-                        state.advance(seg.hi, self.L)
-                        return self._result(decided)
+            for i, layer in enumerate(seg.exits):
+                e = firing.get(layer)
+                if decided is not None or e is None or not (
+                        e.force or (e.threshold is not None and float(self.conf[first + i]) >= e.threshold)):
+                    continue
+                decided = (first + i, layer)
+                if not capped:
+                    self._save(state)
+                    state.advance(seg.hi, self.L)
+                    return self._result(decided, False)
         state.advance(self.L, self.L)
-        return self._result(decided or (self.conf.numel() - 1, self.L))
+        return self._result(decided or (-1, self.L), all_final)
 
     def _invalid_slots_at_newest(self) -> None:
         """Padding slots take the newest position (finite attention; writes go to scratch)."""
@@ -195,6 +230,10 @@ class StaticEarlyExit:
         rows = self.pos.index_select(0, idx) % self.runner.slots
         self.runner.store[rows, 0] = self.x.index_select(0, idx)[:, 0]
 
-    def _result(self, decided) -> PassResult:
+    def _result(self, decided, all_final: bool) -> PassResult:
         i, layer = decided
-        return PassResult(self.logits[i:i + 1].clone(), self.conf[i:i + 1].clone(), [layer])
+        logits = self.final_all[-1] if i == -1 else self.logits[i:i + 1]  # [1, V]
+        conf = self.conf[i:] if i == -1 else self.conf[i:i + 1]
+        if not all_final:
+            return PassResult(logits.clone(), conf.clone(), [layer])
+        return PassResult(logits.clone(), conf.clone(), [layer], self.final_all.clone(), self.layout)
