@@ -4,7 +4,8 @@ Builds the decode benchmark's 1.3B shape (24 layers, hidden 2048, SwiGLU 4x, bf1
 random: the time of a step does not depend on them), captures the static decode step as a CUDA
 graph (inference/static_decode.py) and prints:
 
-1. the replay time per step and the memory roofline floor (parameter bytes / copy bandwidth);
+1. the replay time per step and the memory roofline floor (parameter bytes / copy bandwidth),
+   measured by benchmarks/decode.py's ``roofline``;
 2. the CUDA kernels of 20 replays by total time (torch.profiler), grouped by name: the matrix
    products (cuBLAS ``nvjet`` kernels) against the many small element-wise ones.
 
@@ -16,26 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import roofline, step_bytes  # noqa: E402  (benchmarks/decode.py)
+
 from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig
 from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.parallel.state import build_model, initialize_parallel
-
-
-def cuda_ms(fn, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def main():
@@ -64,17 +57,10 @@ def main():
         engine.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 8)
         step = engine._static
         tokens, pos = step.tokens.clone(), step.pos.clone()
-        ms = cuda_ms(lambda: step(tokens, pos))
-        src = torch.randn(1 << 29, device=dev)  # 2 GiB
-        dst = torch.empty_like(src)
-        bw = 2 * src.numel() * 4 / (cuda_ms(lambda: dst.copy_(src), 20) / 1e3)
-        del src, dst
-        params = list(model.decoder.parameters()) + [model.output_layer.weight
-                                                      if model.output_layer.weight is not None
-                                                      else model.tied_weight()]
-        nbytes = sum(q.numel() * q.element_size() for q in params)
-        print(f"{args.fast_decode}: step {ms:.3f} ms, {nbytes / 1e9:.3f} GB of parameters, copy bandwidth "
-              f"{bw / 1e12:.2f} TB/s -> floor {nbytes / bw * 1e3:.3f} ms ({nbytes / bw * 1e3 / ms:.0%})")
+        ms, floor_ms, bw = roofline(engine, model, dev)
+        print(f"{args.fast_decode}: step {ms:.3f} ms, {step_bytes(model) / 1e9:.3f} GB of "
+              f"parameters, copy bandwidth {bw / 1e12:.2f} TB/s -> floor {floor_ms:.3f} ms "
+              f"({floor_ms / ms:.0%})")
 
         from torch.profiler import ProfilerActivity, profile
 

@@ -54,10 +54,11 @@ class Engine:
     """Generation on one EarlyExitGPTModel stage that holds the whole model (PP=1)."""
 
     def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None):
-        """``fast_decode``: None (every step through the general pass), ``"static"`` (full-depth
-        steps on static shapes), ``"cuda_graph"`` (those steps replayed as one CUDA graph) or
-        ``"compile"`` (torch.compile, then a CUDA graph); see static_decode.py. It only applies
-        where no exit can fire."""
+        """``fast_decode``: None (every step through the general pass), ``"static"`` (static
+        shapes), ``"cuda_graph"`` (those steps replayed as CUDA graphs) or ``"compile"``
+        (full-depth steps through torch.compile, then a CUDA graph). It applies to full-depth
+        steps (static_decode.py, any batch) and to batch-1 early exit / self-speculative passes
+        (static_early_exit.py)."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk (PP=1, no virtual PP)")

@@ -163,25 +163,25 @@ class PipelineEngine:
         this stage's last layer. ``mode`` None: prefill, no exit fires."""
         model, ctx = self.model, self.ctx
         decision = header[1:5]
-        arrived_open = decision[0] == 0
+        arrived_open = is_open = bool(decision[0] == 0)  # one read; exits below report decisions
         if model.pre_process:
             positions = torch.arange(start, start + len(ids), device=ctx.device)
             x = model.embed(torch.tensor([ids], device=ctx.device), positions[None, :])
         positions = torch.arange(start, start + x.shape[0], device=ctx.device)
         rotary = model.rotary(positions)
-        verdict_sent = False
+        pre_exit, exit_layers = self.cfg.exits.pre_exit, model.placement.exit_layers
         for i, layer in enumerate(model.placement.layers):
-            if self.cfg.exits.pre_exit and layer in model.placement.exit_layers:
-                self._exit(layer, x, rotary, decision, mode, sampling)
+            if pre_exit and layer in exit_layers:
+                is_open &= not self._exit(layer, x, rotary, decision, mode, sampling, is_open)
             x = model.run_layer(i, x, rotary)
-            if not self.cfg.exits.pre_exit and layer in model.placement.exit_layers:
-                self._exit(layer, x, rotary, decision, mode, sampling)
-            if arrived_open and not verdict_sent and decision[0] != 0 and not model.pre_process:
-                self._send_verdict(decision)
-                verdict_sent = True
-        if model.post_process and decision[0] == 0:
+            if not pre_exit and layer in exit_layers:
+                is_open &= not self._exit(layer, x, rotary, decision, mode, sampling, is_open)
+            if arrived_open and not is_open and not model.pre_process:
+                self._send_verdict(decision)  # decided on this stage: tell stage 0 at once
+                arrived_open = False
+        if model.post_process and is_open:
             self._decide(model.final_logits(x[-1:]), self.cfg.model.num_layers, decision, sampling)
-        if arrived_open and not verdict_sent and not model.pre_process:
+        if arrived_open and not model.pre_process:
             self._send_verdict(decision)  # decided by the final head, or still open ("no")
         cache.offset += x.shape[0]
         return x
@@ -218,12 +218,13 @@ class PipelineEngine:
                 return verdict
         raise RuntimeError("no pipeline stage decided the token (the last stage always does)")
 
-    def _exit(self, layer, x, rotary, decision, mode, sampling) -> None:
+    def _exit(self, layer, x, rotary, decision, mode, sampling, is_open: bool) -> bool:
+        """Run exit ``layer`` (its block's KV stays exact); True if it decided the open token."""
         logits = self.model.exit_logits(layer, x, rotary)  # always: fills the exit block's KV
-        if mode is None or decision[0] != 0 or not isinstance(mode, EarlyExit) or mode.threshold >= 1.0:
-            return
+        if mode is None or not is_open or not isinstance(mode, EarlyExit) or mode.threshold >= 1.0:
+            return False
         if mode.exit_layers is not None and layer not in mode.exit_layers:
-            return
+            return False
         full = gather_from_tensor_model_parallel_region(logits[-1:]).float()[0]  # [1, V]
         probs = full.softmax(-1)
         if mode.confidence == "margin":
@@ -233,6 +234,8 @@ class PipelineEngine:
             conf = probs.max()
         if conf >= mode.threshold:
             self._decide(logits[-1:], layer, decision, sampling, full=full)
+            return True
+        return False
 
     def _decide(self, logits, layer, decision, sampling, full=None) -> None:
         if full is None:

@@ -38,7 +38,26 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.early_exit.inference.early_exit import PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
 
-__all__ = ["StaticDecodeStep"]
+__all__ = ["StaticDecodeStep", "capture_graph"]
+
+
+def capture_graph(run, device: torch.device, warmups: int, reset=lambda: None) -> "torch.cuda.CUDAGraph":
+    """Capture ``run()`` as a CUDA graph after ``warmups`` eager runs on a side stream (they
+    compile, allocate and create library handles). ``reset()`` restores the inputs before each
+    run and after the capture, so warm-ups rewrite the same cache slots with the same values."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            reset()
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    reset()
+    return graph
 
 
 class StaticDecodeStep:
@@ -85,7 +104,7 @@ class StaticDecodeStep:
 
     def _logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Every layer for one token per row -> next-token logits [B, V] (cache written)."""
-        model, lay = self.model, self.layout
+        model = self.model
         x = model.embed(tokens.view(-1, 1), pos.view(-1, 1))  # [1, B, h]
         rotary = model.rotary(pos.view(1, -1))  # [1, B, 1, hn] or None
         for d in range(self.num_layers):
@@ -99,23 +118,12 @@ class StaticDecodeStep:
         if not self.cuda_graph:
             self._run()
         elif self.graph is None:
-            self._capture()
+            self.graph = capture_graph(self._run, self.cache.device, warmups=3)
             self.graph.replay()
         else:
             self.cache.layout = self.layout
             self.graph.replay()
         return self.logits
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream(device=self.cache.device)
-        side.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up: compilation, allocations, library handles (idempotent)
-                self._run()
-        torch.cuda.current_stream(self.cache.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
 
     def decode(self, rows: Sequence[int], states: Dict[int, RowState], last_tokens: Sequence[int],
                confidence) -> PassResult:

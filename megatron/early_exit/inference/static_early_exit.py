@@ -48,6 +48,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron.early_exit.inference.early_exit import DepthRunner, ExitPoint, PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
+from megatron.early_exit.inference.static_decode import capture_graph
 
 __all__ = ["StaticRunner", "supports"]
 
@@ -58,8 +59,10 @@ def supports(model, exits: Sequence[ExitPoint], batch: int) -> bool:
 
 
 class _Segment:
-    def __init__(self, lo: int, hi: int, exits: List[ExitPoint]):
-        self.lo, self.hi, self.exits = lo, hi, exits  # layers [lo, hi), exits at depth hi
+    def __init__(self, lo: int, hi: int, exits: List[int], first_head: int):
+        self.lo, self.hi = lo, hi  # layers [lo, hi)
+        self.exits = exits  # layer numbers of the exits read at depth hi
+        self.first_head = first_head  # index of exits[0] in the runner's head buffers
         self.graph = None
 
 
@@ -74,10 +77,11 @@ class StaticRunner:
         self.L = cfg.model.num_layers
         self.cuda_graph = cuda_graph
         depths = sorted({e.depth for e in exits} | {self.L})
-        self.segments, lo = [], 0
+        self.segments, lo, n_heads = [], 0, 0
         for d in depths:
-            self.segments.append(_Segment(lo, d, sorted({e.layer for e in exits if e.depth == d})))
-            lo = d
+            layers = sorted({e.layer for e in exits if e.depth == d})
+            self.segments.append(_Segment(lo, d, layers, n_heads))
+            lo, n_heads = d, n_heads + len(layers)
         R, dev = in_flight, cache.device
         self.R = R
         self.x = torch.zeros(R, 1, cfg.model.hidden_size, dtype=runner.store.dtype, device=dev)
@@ -93,7 +97,7 @@ class StaticRunner:
             rows=torch.zeros(1, dtype=torch.int64, device=dev), rows_list=[0], starts=[0], ends=[1],
             s=R, pos=self.pos.view(R, 1), valid=self.valid.view(R, 1), write_idx=self.write_idx,
             mask=self.mask, start_t=self.start, end_t=self.end, full_batch=True)
-        n_heads = sum(len(s.exits) for s in self.segments)
+        self.valid_slots: List[int] = []  # host copy of the valid slots (no device reads)
         self.logits = None  # [n_heads, V] static outputs of the exit heads, in segment order
         self.final_all = None  # [R, 1, V] final-head logits of every slot
         conf_dtype = torch.promote_types(runner.store.dtype, torch.float32)  # as runner.confidence
@@ -112,7 +116,7 @@ class StaticRunner:
         for d in range(seg.lo, seg.hi):
             x = model.run_layer(d, x, rotary)
         self.x.copy_(x)
-        first = self._head_index(j)
+        first = seg.first_head
         for i, layer in enumerate(seg.exits):
             logits = gather_from_tensor_model_parallel_region(
                 model.exit_logits(layer, x[-1:], rotary))[-1]  # [1, V]
@@ -127,28 +131,15 @@ class StaticRunner:
             self.final_all.copy_(final)
             self.conf[-1].copy_(self.runner.confidence(final[-1])[0])
 
-    def _head_index(self, j: int) -> int:
-        return sum(len(s.exits) for s in self.segments[:j])
-
     def _replay(self, j: int) -> None:
         seg = self.segments[j]
         if not self.cuda_graph:
             self._run_segment(j)
             return
         if seg.graph is None:
-            side = torch.cuda.Stream(device=self.cache.device)
-            side.wait_stream(torch.cuda.current_stream(self.cache.device))
-            saved = self.x.clone()
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up (same inputs each time: idempotent cache writes)
-                    self.x.copy_(saved)
-                    self._run_segment(j)
-            torch.cuda.current_stream(self.cache.device).wait_stream(side)
-            self.x.copy_(saved)
-            seg.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(seg.graph):
-                self._run_segment(j)
-            self.x.copy_(saved)
+            saved = self.x.clone()  # the segment overwrites its input slots
+            seg.graph = capture_graph(lambda: self._run_segment(j), self.cache.device, warmups=2,
+                                      reset=lambda: self.x.copy_(saved))
         self.cache.layout = self.layout
         seg.graph.replay()
 
@@ -160,10 +151,12 @@ class StaticRunner:
             return
         last = state.full + len(state.pend)  # pending positions are full .. newest-1
         ps = [p for p in range(first, last) if state.pend[p - state.full] == depth]
-        slots = torch.tensor([p - (n - self.R + 1) for p in ps], device=self.x.device)
+        slots = [p - (n - self.R + 1) for p in ps]
+        slots_t = torch.tensor(slots, device=self.x.device)
         store_rows = torch.tensor([p % self.runner.slots for p in ps], device=self.x.device)
-        self.x.index_copy_(0, slots, self.runner.store[store_rows, 0].unsqueeze(1))
-        self.valid.index_fill_(0, slots, True)
+        self.x.index_copy_(0, slots_t, self.runner.store[store_rows, 0].unsqueeze(1))
+        self.valid.index_fill_(0, slots_t, True)
+        self.valid_slots = sorted(self.valid_slots + slots)
 
     # ------------------------------------------------------------------ DepthRunner's contract
     def prefill(self, *args, **kwargs) -> PassResult:
@@ -191,9 +184,10 @@ class StaticRunner:
         (r,) = rows
         state, capped = states[r], r in capped
         n, dev = state.newest, self.x.device
-        self.true_pos.copy_(torch.clamp(torch.arange(n - self.R + 1, n + 1), min=0).to(dev))
+        torch.arange(n - self.R + 1, n + 1, device=dev, out=self.true_pos).clamp_(min=0)
         self.valid.zero_()
         self.valid[-1] = True
+        self.valid_slots = [self.R - 1]
         self.end.fill_(n + 1)
         self.x[-1:].copy_(self.model.embed(token_ids.view(1, 1), self.true_pos[-1:].view(1, 1)))
         self._join(state, 0, n)
@@ -202,10 +196,10 @@ class StaticRunner:
         for j, seg in enumerate(self.segments):
             if seg.lo > 0:
                 self._join(state, seg.lo, n)
-            self._invalid_slots_at_newest()
+            self._invalid_slots_at_newest(n)
             self._replay(j)
-            self.runner.token_layers += int(self.valid.sum()) * (seg.hi - seg.lo)
-            first = self._head_index(j)
+            self.runner.token_layers += len(self.valid_slots) * (seg.hi - seg.lo)
+            first = seg.first_head
             for i, layer in enumerate(seg.exits):
                 e = firing.get(layer)
                 if decided is not None or e is None or not (
@@ -213,21 +207,23 @@ class StaticRunner:
                     continue
                 decided = (first + i, layer)
                 if not capped:
-                    self._save(state)
+                    self._save(n)
                     state.advance(seg.hi, self.L)
                     return self._result(decided, False)
         state.advance(self.L, self.L)
         return self._result(decided or (-1, self.L), all_final)
 
-    def _invalid_slots_at_newest(self) -> None:
+    def _invalid_slots_at_newest(self, n: int) -> None:
         """Padding slots take the newest position (finite attention; writes go to scratch)."""
         torch.where(self.valid, self.true_pos, self.true_pos[-1:].expand(self.R), out=self.pos)
-        self.start.copy_(self.true_pos[self.valid.int().argmax()])  # for KVCache.check
+        self.start.fill_(n - self.R + 1 + self.valid_slots[0])  # first in flight, for KVCache.check
 
-    def _save(self, state: RowState) -> None:
+    def _save(self, n: int) -> None:
         """In-flight hidden states to the runner's store (slot = position % store slots)."""
-        idx = self.valid.nonzero().view(-1)
-        rows = self.pos.index_select(0, idx) % self.runner.slots
+        first = n - self.R + 1
+        idx = torch.tensor(self.valid_slots, device=self.x.device)
+        rows = torch.tensor([(first + i) % self.runner.slots for i in self.valid_slots],
+                            device=self.x.device)
         self.runner.store[rows, 0] = self.x.index_select(0, idx)[:, 0]
 
     def _result(self, decided, all_final: bool) -> PassResult:

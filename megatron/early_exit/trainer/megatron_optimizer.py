@@ -30,7 +30,7 @@ trainer/optimizer.py. GPU test: ``python -m pytest -q tests/gpu``.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,36 +110,30 @@ class MegatronCoreOptimizer:
         that have state. Collective over the DP group with the distributed optimizer."""
         shards = {id(p): (inner, key, a, b) for p, inner, key, a, b in self._shards()}
         out = {}
-        for p in params:
-            if id(p) not in shards and not self.distributed:
-                continue
+        for p in params:  # every DP rank walks the same parameters (collectives below)
             inner, key, a, b = shards.get(id(p), (None, None, 0, 0))
             local = adam_state(inner, key) if inner is not None else {}
-            if not self.distributed:
-                if local:
-                    out[id(p)] = local
-                continue
-            entry = self._gather_state(p, local, a, b)
-            if entry is not None:
+            entry = self._gather_state(p, local, a, b) if self.distributed else local
+            if entry:
                 out[id(p)] = entry
         return out
 
-    def _gather_state(self, param, local: dict, a: int, b: int):
+    def _gather_state(self, param, local: dict, a: int, b: int) -> Optional[dict]:
         """Whole-parameter state from every DP rank's slice [a, b) (sum of zero-padded parts)."""
         group = self.parts[0].data_parallel_group
         have = torch.tensor([1.0 if local else 0.0, float(local["step"]) if local else 0.0],
                             device=param.device)
         dist.all_reduce(have, op=dist.ReduceOp.MAX, group=group)
-        if have[0].item() == 0:
+        any_state, step = have.tolist()
+        if not any_state:
             return None
-        entry = {"step": torch.tensor(have[1].item(), dtype=torch.float32)}  # same on all shards
-        for key in ("exp_avg", "exp_avg_sq"):
-            full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-            if local and b > a:
-                full[a:b] = local[key].view(-1)
-            dist.all_reduce(full, group=group)
-            entry[key] = full.view(param.shape)
-        return entry
+        moments = torch.zeros(2, param.numel(), dtype=torch.float32, device=param.device)
+        if local and b > a:
+            moments[0, a:b] = local["exp_avg"].view(-1)
+            moments[1, a:b] = local["exp_avg_sq"].view(-1)
+        dist.all_reduce(moments, group=group)
+        return {"step": torch.tensor(step, dtype=torch.float32),  # the same on every shard
+                "exp_avg": moments[0].view(param.shape), "exp_avg_sq": moments[1].view(param.shape)}
 
     def load_full_param_states(self, states: Dict[int, dict]) -> None:
         """Install whole-parameter states (id(param) -> entry), keeping this rank's slice."""
