@@ -52,6 +52,9 @@ class ModelConfig:
     # depth used by the init's output-projection scaling (a truncated exit-tuning run uses the
     # full model's, so its fresh exits start as they would in the full model); None: num_layers
     init_num_layers: Optional[int] = None
+    # the tokenizer's own vocabulary (ids [0, tokenizer_vocab_size) are tokens); vocab_size above
+    # is the padded size of the embedding / output layers. None: no padding (all ids are tokens)
+    tokenizer_vocab_size: Optional[int] = None
 
     def __post_init__(self):
         _require(self.architecture in ARCHITECTURES,
@@ -99,10 +102,20 @@ class ModelConfig:
         if self.position_embedding_type == "rope":
             _require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
         _require(self.init_method_std > 0, "--init-method-std must be positive")
+        if self.tokenizer_vocab_size is not None:
+            _require(isinstance(self.tokenizer_vocab_size, int)
+                     and 0 < self.tokenizer_vocab_size <= self.vocab_size,
+                     f"tokenizer vocabulary size {self.tokenizer_vocab_size!r} must be in "
+                     f"[1, padded vocab size {self.vocab_size}]")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_tokens(self) -> int:
+        """Ids that are real tokens: the tokenizer's vocabulary (padded columns excluded)."""
+        return self.vocab_size if self.tokenizer_vocab_size is None else self.tokenizer_vocab_size
 
 
 @dataclass
