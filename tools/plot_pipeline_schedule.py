@@ -1,7 +1,7 @@
 """Draw a pipeline schedule: simulated from our plans, or measured spans from a JSON file.
 
 Simulated (forward time 1, backward time R, free communication; the plans are replayed with
-the same blocking semantics as schedule_plan.verify_plans)::
+the same blocking semantics as schedule_sim.verify_plans)::
 
     python tools/plot_pipeline_schedule.py --pp 4 --microbatches 8 --backward-forward-ratio 2 \
         --out docs/pipeline_1f1b_p4_m8.png

@@ -26,9 +26,8 @@ from megatron.early_exit.parallel.schedule_plan import (
     num_warmup_microbatches,
     one_f_one_b_plan,
     tune_exit_plan,
-    verify_plans,
 )
-from megatron.early_exit.parallel.schedule_sim import DeadlockError, ScheduleError
+from megatron.early_exit.parallel.schedule_sim import DeadlockError, ScheduleError, verify_plans
 
 PPS = range(1, 9)
 MBS = range(1, 17)

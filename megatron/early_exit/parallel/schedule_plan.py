@@ -1,10 +1,11 @@
 """Pure pipeline-schedule plans: which compute and p2p actions one stage runs, in order.
 
 No torch and no torch.distributed here: a plan is a list of :class:`Action` values that an
-executor (``parallel/schedule.py`` style code) walks, and that ``verify_plans`` replays for all
-stages at once to prove every send meets its receive and nothing deadlocks::
+executor (``parallel/schedule_executor.py``) walks, and that ``schedule_sim.verify_plans``
+replays for all stages at once to prove every send meets its receive and nothing deadlocks::
 
-    from megatron.early_exit.parallel.schedule_plan import one_f_one_b_plan, verify_plans
+    from megatron.early_exit.parallel.schedule_plan import one_f_one_b_plan
+    from megatron.early_exit.parallel.schedule_sim import verify_plans
     plans = [one_f_one_b_plan(r, 4, 8) for r in range(4)]
     verify_plans(plans)
     print(" ".join(map(str, plans[1])))
@@ -57,7 +58,7 @@ Bubble filling (``--fill-explicit-bubbles``), what is actually idle
   with the first RECV_BACKWARD as without filling (sending it first would deadlock: stage
   s+1 receives it only after its own partials and its first backward).
 
-  Count rule. K0 = floor((P-1)*r/(1+r)) (DESIGN.md 4) is how many partials stage 0 can do in
+  Count rule. K0 = floor((P-1)*r/(1+r)) (docs/pipeline.md) is how many partials stage 0 can do in
   its warm-up gap: stage 0 finishes them at time P + K0*(1+r) <= P + (P-1)*r. On stage s the
   gap is (P-1-s)*r but partials arrive s forward-times late and stage s's backwards wait on
   stage s+1, so stage s can take n_s = max(0, K0 - s) (:func:`max_fill_microbatches`). The
@@ -212,7 +213,7 @@ class _Builder:
 
 def max_fill_microbatches(pp_size: int, pp_rank: int, backward_forward_ratio: float) -> int:
     """Partial micro-batches stage ``pp_rank`` can run in its 1F1B warm-up gap at no cost:
-    max(0, floor((P-1)*r/(1+r)) - rank)  (rank 0: DESIGN.md's floor((P-1)r/(1+r)))."""
+    max(0, floor((P-1)*r/(1+r)) - rank)."""
     if backward_forward_ratio <= 0:
         raise ValueError(f"--backward-forward-ratio must be > 0, got {backward_forward_ratio}")
     k0 = math.floor((pp_size - 1) * backward_forward_ratio / (1 + backward_forward_ratio) + 1e-9)
@@ -399,16 +400,6 @@ def tune_exit_plan(
             plan.append(Action(SEND_FORWARD, i))
         plan.append(Action(BACKWARD, i))
     return plan
-
-
-def verify_plans(plans: Sequence[Sequence[Action]], *, tune_exit: bool = False) -> None:
-    """Replay all stages' plans with blocking semantics; raise ScheduleError on any problem.
-
-    See :mod:`megatron.early_exit.parallel.schedule_sim` for exactly what is checked.
-    """
-    from megatron.early_exit.parallel.schedule_sim import verify
-
-    verify(plans, tune_exit=tune_exit)
 
 
 def format_plan(plan: Iterable[Action]) -> str:

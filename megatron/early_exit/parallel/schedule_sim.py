@@ -1,6 +1,6 @@
 """Discrete-event replay of pipeline plans with blocking point-to-point semantics.
 
-Used by ``schedule_plan.verify_plans`` (correctness) and ``schedule_timeline`` (timing).
+Used by :func:`verify_plans` (correctness) and ``schedule_timeline`` (timing).
 Pure Python, no torch. Tests: ``python -m pytest -q tests/unit/test_schedule_plan.py``.
 
 Model
@@ -14,7 +14,7 @@ Model
     as NCCL does; a head send whose head receive expects another message is an error.
   * No stage can move and some have not finished: deadlock.
 
-Checks made by :func:`verify` (on top of the replay)
+Checks made by :func:`verify_plans` (on top of the replay)
   forward needs its input received (virtual stage > 0); a send needs the computed value; a
   backward follows its forward and, unless ``tune_exit``, the gradient for whatever was sent
   forward; each (micro-batch, chunk) is forwarded, backwarded, sent, received at most once;
@@ -227,8 +227,9 @@ def simulate(
     return replay.events
 
 
-def verify(plans: Sequence[Sequence[Action]], *, tune_exit: bool = False) -> None:
-    """Replay and check completeness; raises ScheduleError / DeadlockError."""
+def verify_plans(plans: Sequence[Sequence[Action]], *, tune_exit: bool = False) -> None:
+    """Replay all stages' plans (index = pipeline rank) with blocking semantics and check
+    completeness; raises ScheduleError / DeadlockError (see the module docstring)."""
     replay = _Replay(plans, None, tune_exit)
     replay.run()
     _check_complete(replay)
