@@ -1,6 +1,6 @@
 """An independent plain-PyTorch early-exit GPT, for tests.
 
-It reads the *canonical full* state dict (parallel/sharding.py names, TP-gathered) and computes
+It reads the *canonical full* state dict (model/sharding.py names, TP-gathered) and computes
 every head's loss from scratch with explicit math: no megatron-core module is used. Tests run it
 in float64 and compare our model (any TP/PP/DP layout) against it.
 """

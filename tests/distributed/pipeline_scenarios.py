@@ -28,7 +28,7 @@ def microbatch(index):
 
 
 def gather_grads(chunks, ctx, swiglu, grads=True):
-    from megatron.early_exit.parallel.sharding import gathered_tensors
+    from megatron.early_exit.model.sharding import gathered_tensors
 
     mine = gathered_tensors(chunks, ctx.tp_group, swiglu, grads=grads)
     everyone = [None] * dist.get_world_size()

@@ -51,7 +51,7 @@ def fake_step(setup):
     """Layout-independent gradients (full tensor seeded by canonical name), then AdamW."""
     from megatron.early_exit.checkpoint.tensors import local_params
     from megatron.early_exit.parallel.grads import finalize_grads
-    from megatron.early_exit.parallel.sharding import full_shape, shard
+    from megatron.early_exit.model.sharding import full_shape, shard
 
     ctx = setup.ctx
     for p in local_params(setup.chunks, setup.cfg.model.swiglu):
@@ -67,7 +67,7 @@ def fake_step(setup):
 def full_view(setup):
     """(canonical name -> full parameter, canonical name -> full AdamW state) on this rank."""
     from megatron.early_exit.checkpoint.tensors import local_params
-    from megatron.early_exit.parallel.sharding import gather
+    from megatron.early_exit.model.sharding import gather
 
     params, state = {}, {}
     for p in local_params(setup.chunks, setup.cfg.model.swiglu):
@@ -85,7 +85,7 @@ def pp1_logits(setup, tp_gather):
         out = model(input_ids=ids, return_logits=True)
     heads = {"final": out.final_logits, **{str(k): v for k, v in out.exit_logits.items()}}
     if tp_gather:
-        from megatron.early_exit.parallel.sharding import ShardSpec, gather
+        from megatron.early_exit.model.sharding import ShardSpec, gather
 
         heads = {k: gather(v, ShardSpec(2), setup.ctx.tp_group) for k, v in heads.items()}
     return heads

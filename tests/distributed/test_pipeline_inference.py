@@ -17,7 +17,7 @@ def _scenario(rank, world, variants):
     from megatron.early_exit.inference.modes import EarlyExit, FullDepth
     from megatron.early_exit.inference.pipeline_engine import PipelineEngine
     from megatron.early_exit.inference.stopping import StopCriteria
-    from megatron.early_exit.parallel.sharding import gathered_tensors
+    from megatron.early_exit.model.sharding import gathered_tensors
     from megatron.early_exit.parallel.state import build_model, destroy_parallel, initialize_parallel
     from tests.unit.engine_testlib import random_prompts, trained
 

@@ -45,7 +45,7 @@ def _rel(a, b):
 
 
 def _tp_scenario(rank, world, sp):
-    from megatron.early_exit.parallel.sharding import gathered_tensors
+    from megatron.early_exit.model.sharding import gathered_tensors
     from megatron.early_exit.parallel.state import build_model, destroy_parallel, initialize_parallel
     from tests.reference_model import reference_losses
 
@@ -84,7 +84,7 @@ def test_tensor_parallel_matches_reference(sp):
 
 
 def _dp_scenario(rank, world):
-    from megatron.early_exit.parallel.sharding import gathered_tensors
+    from megatron.early_exit.model.sharding import gathered_tensors
     from megatron.early_exit.parallel.state import build_model, destroy_parallel, initialize_parallel
     from megatron.early_exit.trainer.optimizer import build_optimizer
     from megatron.early_exit.trainer.step import train_step

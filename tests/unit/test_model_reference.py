@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig
-from megatron.early_exit.parallel.sharding import gathered_tensors
+from megatron.early_exit.model.sharding import gathered_tensors
 from tests.reference_model import reference_logits, reference_losses
 
 CASES = {

@@ -10,7 +10,7 @@
     reshard_checkpoint(load_dir, out_dir, tp=1, pp=1)          # tools/checkpoint_reshard.py
 
 Parameters and optimizer state are stored under canonical, layout-independent names
-(parallel/sharding.py) with their tensor-parallel ShardSpec; see format.py for the directory
+(model/sharding.py) with their tensor-parallel ShardSpec; see format.py for the directory
 layout and save.py for the metadata. Problems raise ``CheckpointError``.
 """
 

@@ -30,7 +30,7 @@ from megatron.early_exit.checkpoint.rng import restore_rng_state
 from megatron.early_exit.checkpoint.save import dist_ready, global_rank, layout_dict
 from megatron.early_exit.checkpoint.tensors import (load_model_tensors, load_optimizer_state,
                                                     local_params)
-from megatron.early_exit.parallel.sharding import full_shape
+from megatron.early_exit.model.sharding import full_shape
 
 # Fields that decide the parameters' names and shapes (checked on load, named on mismatch).
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",

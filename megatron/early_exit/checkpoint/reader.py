@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron.early_exit.checkpoint import format as fmt
-from megatron.early_exit.parallel.sharding import ShardSpec, shard, unshard
+from megatron.early_exit.model.sharding import ShardSpec, shard, unshard
 
 
 class ShardReader:

@@ -2,7 +2,7 @@
 
 Reads every full tensor (and, if wanted, the full AdamW state), decides from the canonical
 names which pipeline stage of the target layout holds each one (model/placement.py), cuts the
-TP shards with ``parallel/sharding.shard`` and writes the per-(tp, pp) files in the same format
+TP shards with ``model/sharding.shard`` and writes the per-(tp, pp) files in the same format
 as ``save_checkpoint``, committed atomically. RNG states are not carried (the layout changes).
 Used by ``tools/checkpoint_reshard.py``.
 
@@ -23,7 +23,7 @@ from megatron.early_exit.checkpoint import format as fmt
 from megatron.early_exit.checkpoint.load import config_from_dict, open_checkpoint
 from megatron.early_exit.checkpoint.save import build_metadata, copy_tokenizer_files
 from megatron.early_exit.model.placement import stage_placement
-from megatron.early_exit.parallel.sharding import ShardSpec, shard
+from megatron.early_exit.model.sharding import ShardSpec, shard
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXIT = re.compile(r"^exits\.(\d+)\.")

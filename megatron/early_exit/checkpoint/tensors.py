@@ -1,6 +1,6 @@
 """This rank's parameters and AdamW state as canonical-name shards, and their resharded reload.
 
-A saved shard file maps canonical names (parallel/sharding.py) to this rank's TP slice, with the
+A saved shard file maps canonical names (model/sharding.py) to this rank's TP slice, with the
 ``ShardSpec`` needed to put the full tensor back together. Copies of the tied word embedding on
 later stages (``word_embeddings_copy``) are not saved: they equal the first stage's embedding,
 and so does their optimizer state (they receive identical gradients), so on load they are filled
@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from megatron.early_exit.checkpoint.format import CheckpointError
-from megatron.early_exit.parallel.sharding import ShardSpec, canonical_names, full_shape, shard_spec
+from megatron.early_exit.model.sharding import ShardSpec, canonical_names, full_shape, shard_spec
 
 COPY_NAME = "word_embeddings_copy"
 

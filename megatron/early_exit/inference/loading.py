@@ -21,7 +21,7 @@ from megatron.early_exit.config import ParallelConfig
 
 @torch.no_grad()
 def load_model_weights(model, full_state: dict, tp_rank: int, tp_size: int) -> None:
-    from megatron.early_exit.parallel.sharding import canonical_names, shard, shard_spec
+    from megatron.early_exit.model.sharding import canonical_names, shard, shard_spec
 
     names = canonical_names(model)
     missing = [n for n in names.values() if n not in full_state]

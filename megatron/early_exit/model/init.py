@@ -15,7 +15,7 @@ import zlib
 
 import torch
 
-from megatron.early_exit.parallel.sharding import canonical_names, full_shape, shard, shard_spec
+from megatron.early_exit.model.sharding import canonical_names, full_shape, shard, shard_spec
 
 
 def name_seed(seed: int, name: str) -> int:
