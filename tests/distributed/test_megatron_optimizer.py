@@ -74,7 +74,7 @@ def _max_diff(a, b):
 
 
 def _state_diff(a, b):
-    from megatron.early_exit.trainer.optimizer import full_param_states
+    from megatron.early_exit.checkpoint.tensors import full_param_states
 
     pa = [p for m in a.chunks for p in m.parameters()]
     pb = [p for m in b.chunks for p in m.parameters()]

@@ -21,7 +21,8 @@ def _run_case(world, tp, pp, vpp_layers=None, fill=False):
     from megatron.early_exit.parallel.grads import finalize_grads
     from megatron.early_exit.parallel.schedule_executor import fill_plan_depths
     from megatron.early_exit.parallel.state import build_model, destroy_parallel, initialize_parallel
-    from megatron.early_exit.trainer.step import forward_backward, reduce_head_losses
+    from megatron.early_exit.parallel.schedule_executor import forward_backward
+    from megatron.early_exit.trainer.step import reduce_head_losses
 
     cfg = make_cfg(tp=tp, pp=pp, world=world, vpp_layers=vpp_layers)
     schedule = ScheduleConfig(fill_explicit_bubbles=fill, backward_forward_ratio=2.0)

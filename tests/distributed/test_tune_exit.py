@@ -15,7 +15,8 @@ def _tune(rank, world):
     from megatron.early_exit.parallel.grads import finalize_grads
     from megatron.early_exit.parallel.state import build_model, destroy_parallel, initialize_parallel
     from megatron.early_exit.trainer.optimizer import build_optimizer
-    from megatron.early_exit.trainer.step import forward_backward, train_step
+    from megatron.early_exit.parallel.schedule_executor import forward_backward
+    from megatron.early_exit.trainer.step import train_step
     from megatron.early_exit.trainer.tune import freeze_backbone
 
     # exits after layers 1 and 3: both on stage 0 of 2, so stage 1 has nothing to do

@@ -19,6 +19,7 @@ from megatron.early_exit.parallel.schedule_plan import (
     Action,
     comm_batches,
     fill_depths,
+    forward_only_plan,
     interleaved_num_warmup,
     interleaved_plan,
     max_fill_microbatches,
@@ -213,3 +214,19 @@ def test_verifier_catches_data_flow_errors():
     plans[1] = plans[1][:-1]  # last stage never backwards micro-batch 1
     with pytest.raises(ScheduleError):
         verify_plans(plans)
+
+
+def test_forward_only_plans_verify_and_the_verifier_catches_broken_ones():
+    for p in range(1, 6):
+        for chunks in ((1,) if p == 1 else (1, 2, 3)):  # virtual stages need P > 1
+            for m in (1, 3, 5):
+                plans = [forward_only_plan(r, p, m, chunks) for r in range(p)]
+                verify_plans(plans, forward_only=True)
+                assert sum(a.kind is FORWARD for plan in plans for a in plan) == p * chunks * m
+    plans = [forward_only_plan(r, 2, 2, 2) for r in range(2)]
+    with pytest.raises(ScheduleError):  # an evaluation plan must not run backward
+        verify_plans([plans[0] + [Action(BACKWARD, 0)], plans[1]], forward_only=True)
+    with pytest.raises(ScheduleError):  # the last virtual stage never forwards micro-batch 1
+        verify_plans([plans[0], [a for a in plans[1] if a.microbatch == 0]], forward_only=True)
+    with pytest.raises(ScheduleError):  # a training plan is not an evaluation plan
+        verify_plans(_1f1b(2, 2), forward_only=True)

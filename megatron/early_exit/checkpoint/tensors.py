@@ -74,11 +74,30 @@ def tensor_index(params: List[LocalParam], ctx) -> Dict[str, dict]:
             for p in params if not p.is_copy}
 
 
+def full_param_states(optimizer, params) -> Dict[int, dict]:
+    """id(param) -> its optimizer state with whole tensors. An optimizer that shards its state
+    (trainer/megatron_optimizer.py) has a ``full_param_states`` method, collective over DP:
+    every DP rank calls it with the same parameters; torch optimizers are read directly."""
+    if hasattr(optimizer, "full_param_states"):
+        return optimizer.full_param_states(params)
+    return {id(p): optimizer.state[p] for p in params if p in optimizer.state}
+
+
+def load_full_param_states(optimizer, states: Dict[int, dict]) -> None:
+    """Replace the per-parameter state (id(param) -> entry with whole tensors); the param
+    groups' hyperparameters stay this run's."""
+    if hasattr(optimizer, "load_full_param_states"):
+        optimizer.load_full_param_states(states)
+        return
+    order = [q for g in optimizer.param_groups for q in g["params"]]
+    sd = optimizer.state_dict()
+    sd["state"] = {i: states[id(q)] for i, q in enumerate(order) if id(q) in states}
+    optimizer.load_state_dict(sd)  # casts to each parameter's dtype/device ('step' kept as is)
+
+
 def saved_optimizer_states(params: List[LocalParam], optimizer) -> Dict[int, dict]:
     """Whole per-parameter states of the saved parameters (collective over DP for a sharded
     optimizer: every rank calls it, dp_rank 0 writes)."""
-    from megatron.early_exit.trainer.optimizer import full_param_states
-
     return full_param_states(optimizer, [p.param for p in params if not p.is_copy])
 
 
@@ -131,8 +150,6 @@ def load_optimizer_state(params: List[LocalParam], optimizer, reader, ctx) -> No
     Only the per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``) is loaded; the param
     groups' hyperparameters stay this run's (its TrainConfig sets lr every iteration). The saved
     groups are kept in the optim files for reference."""
-    from megatron.early_exit.trainer.optimizer import load_full_param_states
-
     states = {}
     for p in params:
         if not p.param.requires_grad or not reader.has_state(p.canon):  # copies: the embedding's

@@ -1,8 +1,10 @@
-"""Executor for the pure pipeline plans of parallel/schedule_plan.py.
+"""Executor for the pure plans of parallel/schedule_plan.py: the one way a micro-batch is run.
 
 It walks one stage's plan: compute actions run a model chunk forward or backward, and each
-communication batch (``comm_batches``) is one ``PipelineP2P.exchange``. For every micro-batch a
-stage backpropagates (DESIGN.md §4)
+communication batch (``comm_batches``) is one ``PipelineP2P.exchange``. Every layout goes
+through it: PP = 1 training runs the no-pipelining plan (gradient accumulation), PP > 1 the
+1F1B or interleaved plan, ``--tune-exit`` the exit-tuning plan, and evaluation the forward-only
+plan. For every micro-batch a stage backpropagates (docs/pipeline.md)
 
     J_s = (1/M) * sum_{e on this stage} w_e * l_e  +  <y, g>         (g received, detached)
 
@@ -12,11 +14,15 @@ that crosses each boundary. Partial (bubble-filling) micro-batches are weighted 
 ``--tune-exit`` the backbone runs without grad and each exit stage backpropagates its own exit
 losses locally.
 
-    sums = forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights)
+    sums = forward_backward(chunks, microbatches, cfg, ctx, exit_weights)   # training
+    sums = forward_only(chunks, microbatches, cfg, ctx)                     # evaluation
+
+``sums`` maps "final" and each exit layer to this stage's summed (unscaled) head losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,11 +32,25 @@ from megatron.early_exit.model.placement import exit_stages
 from megatron.early_exit.parallel.p2p import PipelineP2P
 from megatron.early_exit.parallel.schedule_plan import (BACKWARD, FORWARD, RECV_BACKWARD, RECV_FORWARD,
                                                         SEND_BACKWARD, SEND_FORWARD, Action, comm_batches,
-                                                        fill_depths, interleaved_plan, one_f_one_b_plan,
-                                                        tune_exit_plan)
-from megatron.early_exit.trainer.step import accumulate_head_losses, autocast_context
+                                                        fill_depths, forward_only_plan, interleaved_plan,
+                                                        no_pipelining_plan, one_f_one_b_plan, tune_exit_plan)
 
 Key = Tuple[int, int, bool]  # (micro-batch, chunk, partial)
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA with ``--bf16``; nothing otherwise (CPU runs stay float32)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def accumulate_head_losses(sums: Dict, out) -> None:
+    """Add a forward's head losses (float64) to ``sums`` ("final", exit layer -> sum)."""
+    if out.final_loss is not None:
+        sums["final"] = sums.get("final", 0) + out.final_loss.double()
+    for layer, loss in out.exit_losses.items():
+        sums[layer] = sums.get(layer, 0) + loss.double()
 
 
 def fill_plan_depths(cfg, schedule, pp_size: int) -> List[int]:
@@ -51,12 +71,19 @@ def fill_plan_depths(cfg, schedule, pp_size: int) -> List[int]:
                        schedule.num_fill_warmup_microbatches, stages[0])
 
 
-def build_plan(cfg, ctx, num_microbatches: int, num_chunks: int, schedule=None) -> List[Action]:
+def build_plan(cfg, ctx, num_microbatches: int, num_chunks: int, schedule=None,
+               forward_only: bool = False) -> List[Action]:
+    """This stage's plan: forward-only (evaluation), exit tuning, no pipelining (PP = 1),
+    interleaved (virtual chunks) or 1F1B with optional bubble filling."""
+    if forward_only:
+        return forward_only_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, num_chunks)
     if schedule is not None and schedule.tune_exit:
         stages = exit_stages(cfg)
         if not stages:
             raise ValueError("--tune-exit needs --exit-layer-nums")
         return tune_exit_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, stages[-1])
+    if ctx.pp_size == 1:
+        return no_pipelining_plan(num_microbatches)
     if num_chunks > 1:
         return interleaved_plan(ctx.pp_rank, ctx.pp_size, num_microbatches, num_chunks)
     depths = fill_plan_depths(cfg, schedule, ctx.pp_size)
@@ -66,11 +93,13 @@ def build_plan(cfg, ctx, num_microbatches: int, num_chunks: int, schedule=None) 
 class _StageRunner:
     """Holds the in-flight tensors of one stage while its plan executes."""
 
-    def __init__(self, chunks, microbatches, partials, cfg, ctx, exit_weights, bf16, tune_exit):
+    def __init__(self, chunks, microbatches, partials, cfg, ctx, exit_weights, bf16, tune_exit,
+                 forward_only=False):
         self.chunks, self.cfg, self.ctx = chunks, cfg, ctx
         self.microbatches, self.partials = microbatches, partials
         self.exit_weights, self.bf16, self.tune_exit = exit_weights, bf16, tune_exit
-        self.scale = 1.0 / len(microbatches)
+        self.forward_only = forward_only  # evaluation: no graph kept, outputs dropped once sent
+        self.num_microbatches = len(microbatches)
         self.p2p = PipelineP2P(ctx.pp_group, ctx.prev_rank, ctx.next_rank, ctx.device)
         self.inputs: Dict[Key, Optional[torch.Tensor]] = {}
         self.outputs: Dict[Key, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
@@ -90,17 +119,21 @@ class _StageRunner:
         data = (self.partials if a.partial else self.microbatches)[a.microbatch]
         x = None
         if not model.pre_process:
-            x = self.received_fwd.pop(key)
-            if not self.tune_exit:
+            x = self.received_fwd.pop(key)  # [s, b, h]
+            if not (self.tune_exit or self.forward_only):
                 x.requires_grad_(True)
-        with autocast_context(self.ctx, self.bf16):
+        with autocast_context(self.ctx.device, self.bf16):
             out = model(input_ids=data["tokens"] if model.pre_process else None, hidden_states=x,
                         labels=data["labels"], loss_mask=data["loss_mask"],
                         exit_weights=self.exit_weights, skip_final_head=a.partial or self.tune_exit,
                         frozen_backbone=self.tune_exit)
         if not a.partial:
             accumulate_head_losses(self.sums, out)
-        loss = None if out.loss is None else out.loss * self.scale
+        if self.forward_only:
+            if not model.post_process:
+                self.outputs[key] = (out.hidden, None)  # until it is sent
+            return
+        loss = None if out.loss is None else out.loss / self.num_microbatches
         self.inputs[key] = x
         self.outputs[key] = (out.hidden, loss)
 
@@ -126,7 +159,8 @@ class _StageRunner:
         for a in batch:
             key = (a.microbatch, a.chunk, a.partial)
             if a.kind is SEND_FORWARD:
-                kwargs["send_next"] = self.outputs[key][0].detach().to(self.dtype)
+                y = self.outputs.pop(key)[0] if self.forward_only else self.outputs[key][0]
+                kwargs["send_next"] = y.detach().to(self.dtype)
             elif a.kind is SEND_BACKWARD:
                 kwargs["send_prev"] = self.input_grads.pop(key).to(self.dtype)
             elif a.kind is RECV_FORWARD:
@@ -158,17 +192,20 @@ class _StageRunner:
         return self.sums
 
 
-def forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf16: bool = False,
-                                schedule=None, partial_microbatches: Sequence = (),
-                                timeline: Optional[list] = None) -> Dict:
+def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16: bool = False,
+                     schedule=None, partial_microbatches: Sequence = (),
+                     timeline: Optional[list] = None) -> Dict:
     """Run one step's forward and backward over ``microbatches`` on this pipeline stage.
 
-    Returns this stage's summed (unscaled) head losses of the full micro-batches.
-    ``partial_microbatches`` supplies the data of the bubble-filling micro-batches. A list passed
-    as ``timeline`` receives one record per compute action (stage, kind, microbatch, chunk,
-    partial, start, end in ``time.perf_counter`` seconds), the input of
-    ``tools/plot_pipeline_schedule.py --measured``.
+    Each micro-batch's objective is divided by the number of micro-batches. Returns this
+    stage's summed (unscaled) head losses of the full micro-batches. ``partial_microbatches``
+    supplies the data of the bubble-filling micro-batches. A list passed as ``timeline``
+    receives one record per compute action (stage, kind, microbatch, chunk, partial, start,
+    end in ``time.perf_counter`` seconds), the input of ``tools/plot_pipeline_schedule.py
+    --measured``.
     """
+    if ctx.pp_size == 1 and len(partial_microbatches):
+        raise ValueError("partial micro-batches need --pipeline-model-parallel-size > 1")
     plan = build_plan(cfg, ctx, len(microbatches), len(chunks), schedule)
     needed = sum(1 for a in plan if a.partial and a.kind is FORWARD)
     if needed and len(partial_microbatches) < max(a.microbatch for a in plan if a.partial) + 1:
@@ -184,25 +221,10 @@ def num_partial_microbatches(cfg, schedule, pp_size: int) -> int:
 
 
 @torch.no_grad()
-def forward_only_pipelining(chunks, microbatches, cfg, ctx) -> Dict:
-    """Forward every micro-batch through the pipeline (evaluation); returns summed head losses."""
-    runner = _StageRunner(chunks, microbatches, (), cfg, ctx, None, False, tune_exit=True)
-    pp, chunks_n = ctx.pp_size, len(chunks)
-    for mb in range(len(microbatches)):
-        for c in range(chunks_n):
-            first = c == 0 and ctx.pp_rank == 0
-            last = c == chunks_n - 1 and ctx.pp_rank == pp - 1
-            if not first:
-                runner.communicate([Action(RECV_FORWARD, mb, c)])
-            key = (mb, c, False)
-            model = chunks[c]
-            x = None if model.pre_process else runner.received_fwd.pop(key)
-            data = microbatches[mb]
-            out = model(input_ids=data["tokens"] if model.pre_process else None, hidden_states=x,
-                        labels=data["labels"], loss_mask=data["loss_mask"])
-            accumulate_head_losses(runner.sums, out)
-            if not last:
-                runner.outputs[key] = (out.hidden, None)
-                runner.communicate([Action(SEND_FORWARD, mb, c)])
-                runner.outputs.pop(key)
-    return runner.sums
+def forward_only(chunks, microbatches, cfg, ctx) -> Dict:
+    """Forward every micro-batch through the pipeline (evaluation); returns this stage's
+    summed head losses."""
+    plan = build_plan(cfg, ctx, len(microbatches), len(chunks), forward_only=True)
+    runner = _StageRunner(chunks, microbatches, (), cfg, ctx, None, False, tune_exit=False,
+                          forward_only=True)
+    return runner.run(plan)

@@ -402,5 +402,24 @@ def tune_exit_plan(
     return plan
 
 
+def forward_only_plan(pp_rank: int, pp_size: int, num_microbatches: int, chunks: int = 1) -> list[Action]:
+    """Evaluation: each micro-batch goes forward through every virtual stage in turn, no
+    backward; rank r's chunk c (virtual stage c*P + r) receives from v-1 and sends to v+1."""
+    _check_stage(pp_rank, pp_size, num_microbatches)
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    last = chunks * pp_size - 1
+    plan: list[Action] = []
+    for i in range(num_microbatches):
+        for c in range(chunks):
+            v = c * pp_size + pp_rank
+            if v > 0:
+                plan.append(Action(RECV_FORWARD, i, c))
+            plan.append(Action(FORWARD, i, c))
+            if v < last:
+                plan.append(Action(SEND_FORWARD, i, c))
+    return plan
+
+
 def format_plan(plan: Iterable[Action]) -> str:
     return " ".join(map(str, plan))

@@ -22,6 +22,8 @@ Checks made by :func:`verify_plans` (on top of the replay)
   stage (``tune_exit``: on every stage with a non-empty plan, which must be 0..L, and there
   must be no backward communication); every partial micro-batch is backwarded on each stage
   it was forwarded on and its gradient returns along every hop its activation took.
+  ``forward_only`` (evaluation): every virtual stage forwards 0..M-1 once and sends each on
+  (but the last), and nothing runs or sends a backward.
 """
 
 from __future__ import annotations
@@ -227,12 +229,34 @@ def simulate(
     return replay.events
 
 
-def verify_plans(plans: Sequence[Sequence[Action]], *, tune_exit: bool = False) -> None:
+def verify_plans(plans: Sequence[Sequence[Action]], *, tune_exit: bool = False,
+                 forward_only: bool = False) -> None:
     """Replay all stages' plans (index = pipeline rank) with blocking semantics and check
-    completeness; raises ScheduleError / DeadlockError (see the module docstring)."""
+    completeness; raises ScheduleError / DeadlockError (see the module docstring).
+    ``forward_only``: evaluation plans (every virtual stage forwards each micro-batch once,
+    sends it on unless it is the last, and nothing runs backward)."""
     replay = _Replay(plans, None, tune_exit)
     replay.run()
-    _check_complete(replay)
+    if forward_only:
+        _check_forward_only(replay)
+    else:
+        _check_complete(replay)
+
+
+def _check_forward_only(r: _Replay) -> None:
+    m = None
+    for s, st in enumerate(r.stages):
+        for c in range(r.chunks):
+            v = c * r.p + s
+            keys = {what: {mb for pt, mb, ch in got if ch == c and not pt} for what, got in st.state.items()}
+            m = len(keys.get("fwd", ())) if m is None else m
+            if keys.get("fwd", set()) != set(range(m)) or any(k[0] for k in st.state.get("fwd", ())):
+                raise ScheduleError(f"forward-only: virtual stage {v} forwards {sorted(keys.get('fwd', ()))}")
+            if keys.get("bwd") or keys.get("grad") or keys.get("sent_b"):
+                raise ScheduleError(f"forward-only: virtual stage {v} runs or sends a backward")
+            sent = set(range(m)) if v < r.num_virtual - 1 else set()
+            if keys.get("sent_f", set()) != sent:
+                raise ScheduleError(f"forward-only: virtual stage {v} sends {sorted(keys.get('sent_f', ()))}")
 
 
 def _check_complete(r: _Replay) -> None:

@@ -1,6 +1,6 @@
 """Validation: per-head loss and perplexity on ``--eval-iters`` batches of the validation set.
 
-Forward only, no gradients; with pipeline parallelism the executor runs a forward-only schedule.
+Forward only, no gradients: the executor runs the forward-only plan (any layout).
 Batches are taken from the start of the validation set every time, so numbers are comparable
 across evaluations.
 """
@@ -12,7 +12,8 @@ from typing import Dict
 
 import torch
 
-from megatron.early_exit.trainer.step import accumulate_head_losses, reduce_head_losses
+from megatron.early_exit.parallel.schedule_executor import forward_only
+from megatron.early_exit.trainer.step import reduce_head_losses
 
 
 @torch.no_grad()
@@ -24,17 +25,8 @@ def evaluate(setup, valid_dataset) -> Dict:
     count = 0
     for it in range(t.eval_iters):
         microbatches, _ = setup.microbatches(valid_dataset, it)
-        if ctx.pp_size == 1:
-            (model,) = setup.chunks
-            for mb in microbatches:
-                out = model(input_ids=mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"])
-                accumulate_head_losses(sums, out)
-        else:
-            from megatron.early_exit.parallel.schedule_executor import forward_only_pipelining
-
-            part = forward_only_pipelining(setup.chunks, microbatches, cfg, ctx)
-            for key, value in part.items():
-                sums[key] = sums.get(key, 0) + value
+        for key, value in forward_only(setup.chunks, microbatches, cfg, ctx).items():
+            sums[key] = sums.get(key, 0) + value
         count += len(microbatches)
     for model in setup.chunks:
         model.train()

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron.early_exit.config import EarlyExitGPTConfig, ScheduleConfig, TrainConfig
+from megatron.early_exit.parallel.schedule_executor import num_partial_microbatches
 from megatron.early_exit.trainer.batches import microbatches_for_iteration
 from megatron.early_exit.trainer.schedule import learning_rate
 from megatron.early_exit.trainer.step import StepResult, train_step
@@ -33,8 +34,6 @@ class TrainingSetup:
 
     @property
     def num_partial_microbatches(self) -> int:
-        from megatron.early_exit.parallel.schedule_executor import num_partial_microbatches
-
         return num_partial_microbatches(self.cfg, self.schedule, self.ctx.pp_size)
 
     def microbatches(self, dataset, iteration: int, with_partials: bool = False):

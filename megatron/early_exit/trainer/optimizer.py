@@ -5,13 +5,14 @@
 
 torch AdamW uses Megatron's no-decay rule (biases, norms, 1-D) and parallel/grads.py for the
 all-reduces and clipping; megatron-core's path is trainer/megatron_optimizer.py. Checkpoints
-read and write per-parameter state through ``full_param_states`` / ``load_full_param_states``,
-which hide the difference (whole tensors, whatever the backend or DP sharding).
+read and write per-parameter state through checkpoint/tensors.py's ``full_param_states`` /
+``load_full_param_states``, which hide the difference (whole tensors, whatever the backend or DP
+sharding): an optimizer that shards its state offers methods of those names.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
+from typing import Iterable, Tuple
 
 import torch
 
@@ -49,23 +50,3 @@ def build_trainer_optimizer(chunks, ctx, t):
 
         return MegatronCoreOptimizer(list(chunks), ctx, t)
     return build_optimizer(chunks, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
-
-
-def full_param_states(optimizer, params) -> Dict[int, dict]:
-    """id(param) -> its optimizer state with whole tensors (collective for a sharded optimizer:
-    every DP rank calls it with the same parameters)."""
-    if hasattr(optimizer, "full_param_states"):
-        return optimizer.full_param_states(params)
-    return {id(p): optimizer.state[p] for p in params if p in optimizer.state}
-
-
-def load_full_param_states(optimizer, states: Dict[int, dict]) -> None:
-    """Replace the per-parameter state (id(param) -> entry with whole tensors); the param
-    groups' hyperparameters stay this run's."""
-    if hasattr(optimizer, "load_full_param_states"):
-        optimizer.load_full_param_states(states)
-        return
-    order = [q for g in optimizer.param_groups for q in g["params"]]
-    sd = optimizer.state_dict()
-    sd["state"] = {i: states[id(q)] for i, q in enumerate(order) if id(q) in states}
-    optimizer.load_state_dict(sd)  # casts to each parameter's dtype/device ('step' kept as is)

@@ -1,9 +1,9 @@
 """One training step: forward/backward over micro-batches, gradient finalisation, clip, update.
 
-``forward_backward`` dispatches on the pipeline size: no pipelining (gradient accumulation over
-micro-batches) here, 1F1B / interleaved through parallel/schedule_executor.py when PP > 1. Each
-micro-batch's objective is divided by the number of micro-batches, and parallel/grads.py averages
-over data-parallel ranks, so a step equals one step on the combined global batch.
+The micro-batches run through parallel/schedule_executor.py's ``forward_backward`` whatever the
+layout (no pipelining, 1F1B, interleaved, exit tuning). Each micro-batch's objective is divided
+by the number of micro-batches, and parallel/grads.py averages over data-parallel ranks, so a
+step equals one step on the combined global batch.
 
     result = train_step(chunks, optimizer, microbatches, ctx, cfg, iteration=0, clip_grad=1.0)
     result.lm_loss, result.exit_losses, result.grad_norm
@@ -11,7 +11,6 @@ over data-parallel ranks, so a step equals one step on the combined global batch
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.early_exit.parallel.grads import clip_grad_norm, finalize_grads
+from megatron.early_exit.parallel.schedule_executor import forward_backward
 
 
 @dataclass
@@ -28,46 +28,6 @@ class StepResult:
     exit_weights: List[float]  # w_i(t) used this step
     grad_norm: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
-
-
-def autocast_context(ctx, bf16: bool):
-    if bf16 and ctx.device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16=False, ctx=None):
-    """Gradient accumulation over micro-batches on a single stage. Returns summed head losses."""
-    (model,) = chunks
-    sums: Dict[str, torch.Tensor] = {}
-    m = len(microbatches)
-    for mb in microbatches:
-        with autocast_context(ctx, bf16):
-            out = model(input_ids=mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"],
-                        exit_weights=exit_weights)
-        (out.loss / m).backward()
-        accumulate_head_losses(sums, out)
-    return sums
-
-
-def forward_backward_tune_exit_single(chunks, microbatches, exit_weights, bf16, ctx):
-    """--tune-exit without pipelining: frozen backbone, exit losses only."""
-    (model,) = chunks
-    sums: Dict[str, torch.Tensor] = {}
-    for mb in microbatches:
-        with autocast_context(ctx, bf16):
-            out = model(input_ids=mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"],
-                        exit_weights=exit_weights, skip_final_head=True, frozen_backbone=True)
-        (out.loss / len(microbatches)).backward()
-        accumulate_head_losses(sums, out)
-    return sums
-
-
-def accumulate_head_losses(sums: Dict[str, torch.Tensor], out) -> None:
-    if out.final_loss is not None:
-        sums["final"] = sums.get("final", 0) + out.final_loss.double()
-    for layer, loss in out.exit_losses.items():
-        sums[layer] = sums.get(layer, 0) + loss.double()
 
 
 def reduce_head_losses(sums, cfg, ctx, num_microbatches: int):
@@ -84,20 +44,6 @@ def reduce_head_losses(sums, cfg, ctx, num_microbatches: int):
     vec /= num_microbatches * ctx.dp_size
     values = vec.tolist()
     return values[0], dict(zip(keys[1:], values[1:]))
-
-
-def forward_backward(chunks, microbatches, cfg, ctx, exit_weights, bf16=False, **schedule_kwargs):
-    schedule = schedule_kwargs.get("schedule")
-    if ctx.pp_size == 1 and schedule is not None and schedule.tune_exit:
-        return forward_backward_tune_exit_single(chunks, microbatches, exit_weights, bf16, ctx)
-    if ctx.pp_size == 1:
-        if schedule_kwargs.get("partial_microbatches"):
-            raise ValueError("partial micro-batches need --pipeline-model-parallel-size > 1")
-        return forward_backward_no_pipelining(chunks, microbatches, cfg, exit_weights, bf16, ctx)
-    from megatron.early_exit.parallel.schedule_executor import forward_backward_pipelining
-
-    return forward_backward_pipelining(chunks, microbatches, cfg, ctx, exit_weights, bf16=bf16,
-                                       **schedule_kwargs)
 
 
 def train_step(chunks, optimizer, microbatches, ctx, cfg, iteration: int, clip_grad: float = 1.0,
