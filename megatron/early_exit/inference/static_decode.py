@@ -63,7 +63,11 @@ def capture_graph(run, device: torch.device, warmups: int, reset=lambda: None) -
 class StaticDecodeStep:
     """One full-depth decode step over every row of ``cache`` with static shapes."""
 
-    def __init__(self, model, cfg, cache: KVCache, cuda_graph: bool = False, compile: bool = False):
+    def __init__(self, model, cfg, cache: KVCache, cuda_graph: bool = False, compile: bool = False,
+                 fused: bool = False):
+        """``fused``: run the layers as direct fused torch ops on the megatron-core weights
+        (fused_decode.py; TP=1, raises NotImplementedError naming what it does not cover) instead
+        of calling the megatron-core layers; same cache, same logits within rounding."""
         if (cuda_graph or compile) and cache.device.type != "cuda":
             raise ValueError("fast_decode='cuda_graph' / 'compile' needs a CUDA device; use "
                              "'static' on CPU")
@@ -85,12 +89,18 @@ class StaticDecodeStep:
             write_idx=pos_row, mask=self.mask, start_t=self.pos, end_t=self.end, full_batch=True)
         self.logits = None  # [B, V] static output buffer, allocated by the first run
         self._forward = self._logits
+        self.fused = None
+        if fused:
+            from megatron.early_exit.inference.fused_decode import FusedDecoder
+
+            self.fused = FusedDecoder(model, cfg, cache)
+            self._forward = self._fused_logits
         if compile:
             # Dynamo specialises run_layer on the layer index (each layer is its own module):
             # allow one compiled variant per layer instead of falling back to eager after 8.
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, 2 * self.num_layers + 8)
-            self._forward = torch.compile(self._logits, dynamic=False)
+            self._forward = torch.compile(self._forward, dynamic=False)
 
     def _run(self) -> None:
         """The step on the static buffers (this is what the graph captures)."""
@@ -110,6 +120,9 @@ class StaticDecodeStep:
         for d in range(self.num_layers):
             x = model.run_layer(d, x, rotary)
         return gather_from_tensor_model_parallel_region(model.final_logits(x))[-1]  # [B, V]
+
+    def _fused_logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.fused.logits(tokens, pos, self.mask)  # [B, V]
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens [B], pos [B] (each row's newest token and its position) -> logits [B, V]."""
