@@ -45,6 +45,7 @@ class ModelConfig:
     swiglu: Optional[bool] = None  # --swiglu
     position_embedding_type: Optional[str] = None  # --position-embedding-type
     add_bias_linear: Optional[bool] = None  # --disable-bias-linear turns it off
+    add_qkv_bias: bool = False  # --add-qkv-bias: bias on the QKV projection only (Qwen2)
     untie_embeddings_and_output_weights: Optional[bool] = None
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
