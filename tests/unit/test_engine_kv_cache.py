@@ -8,7 +8,7 @@ Run: ``python -m pytest -q tests/unit/test_engine_kv_cache.py``.
 import pytest
 import torch
 
-from megatron.early_exit.inference.early_exit import exit_depth
+from megatron.early_exit.inference.exit_points import exit_depth
 from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.inference.static_early_exit import StaticRunner
 from megatron.early_exit.inference.kv_cache import KVCache, make_layout

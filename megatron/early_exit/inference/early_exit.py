@@ -1,4 +1,4 @@
-"""One engine pass through a single-stage (PP=1) early-exit model, with exits and KV recompute.
+"""The eager runner: engine passes through an early-exit model's layers, with exits and KV recompute.
 
 Every pass takes each participating row's *newest* token (its id is known, it has no KV yet)
 from the embedding down to the first exit that fires or to the final head. Tokens that exited
@@ -11,7 +11,8 @@ a pass that reaches the final head, equals a fresh prefill over the same ids (DE
 
 Exit rule (:class:`ExitPoint`): the exit after layer ``k`` (post-exit: depth ``k``;
 ``--pre-exit``: depth ``k-1``) computes the confidence c of the newest token (max softmax
-probability of its logits over the full vocabulary, or the top-1 minus top-2 margin) and the
+probability of its logits over the tokenizer's vocabulary, or the top-1 minus top-2 margin;
+exit_points.py) and the
 row leaves the pass when ``c >= threshold``; callers never pass a threshold >= 1, so tau = 1.0
 never exits. A row in ``capped`` (too many pending tokens) still takes its token from the first
 exit that fires (outputs do not depend on the cap) but stays in the pass to full depth, which
@@ -28,74 +29,34 @@ In-flight tensors are end-aligned (see kv_cache.py): the newest token is always 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron.early_exit.inference.exit_points import (ExitPoint, block_only, confidence,
+                                                       token_logits)
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout, make_layout
+from megatron.early_exit.inference.runner import PassResult, RowState
 
-__all__ = ["ExitPoint", "RowState", "PassResult", "DepthRunner", "exit_depth"]
-
-
-def exit_depth(cfg, layer: int) -> int:
-    """Layers computed before the exit at ``layer`` reads the hidden state."""
-    return layer - 1 if cfg.exits.pre_exit else layer
-
-
-@dataclass(frozen=True)
-class ExitPoint:
-    depth: int  # see exit_depth
-    layer: int  # the exit's layer number
-    threshold: Optional[float]  # exit when confidence >= threshold (< 1); None: block KV only
-    force: bool = False  # every non-capped row exits here (self-speculative drafting)
-
-
-@dataclass
-class RowState:
-    """Host-side depth bookkeeping of one row."""
-
-    newest: int  # position of the newest token
-    full: int = 0  # positions [0, full) have KV in every layer
-    pend: List[int] = field(default_factory=list)  # depths of positions full..newest-1
-
-    def joins(self) -> Dict[int, int]:
-        """depth -> first pending position at that depth (where it joins a pass)."""
-        out: Dict[int, int] = {}
-        for i, d in enumerate(self.pend):
-            out.setdefault(d, self.full + i)
-        return out
-
-    def advance(self, depth: int, num_layers: int) -> None:
-        """The pass took the newest token (and every pending one below it) to ``depth``."""
-        if depth >= num_layers:
-            self.full, self.pend = self.newest + 1, []
-        else:
-            self.pend = [max(p, depth) for p in self.pend] + [depth]
-
-    def rollback(self, length: int) -> None:
-        """Keep positions [0, length) (all at full depth); ``length`` becomes the newest."""
-        assert not self.pend and self.full >= length
-        self.full, self.newest = length, length
-
-
-@dataclass
-class PassResult:
-    logits: torch.Tensor  # [b_u, V] next-token logits of the head each row left by
-    confidence: torch.Tensor  # [b_u] confidence of that head
-    exit_layer: List[int]  # per row: exit layer number, or num_layers for the final head
-    final_all: Optional[torch.Tensor] = None  # [s, b_f, V] final logits of every slot
-    final_layout: Optional[PassLayout] = None  # layout of final_all (rows reaching the end)
+__all__ = ["DepthRunner"]
 
 
 class DepthRunner:
-    """Runs passes of one EarlyExitGPTModel stage holding every layer (PP=1)."""
+    """The eager runner: passes through the layers of one EarlyExitGPTModel stage.
+
+    At PP = 1 the stage holds every layer and ``run`` / ``prefill`` are the whole passes. At
+    PP > 1 the pipeline runner calls ``stage_pass`` for this stage's depths only
+    (``lo .. hi``), with every row capped (every token crosses every stage)."""
+
+    supports_all_final = True
 
     def __init__(self, model, cfg, cache: KVCache, store_slots: int, confidence: str = "max_prob"):
         assert confidence in ("max_prob", "margin"), confidence
         self.model, self.cfg, self.cache = model, cfg, cache
         self.num_layers = cfg.model.num_layers
+        self.lo = model.placement.layers[0] - 1  # depth at which this stage starts
+        self.hi = self.lo + len(model.placement.layers)
         self.device = cache.device
         self.confidence_kind = confidence
         self.slots = store_slots
@@ -110,61 +71,81 @@ class DepthRunner:
             exits: Sequence[ExitPoint] = (), capped: Sequence[int] = (),
             all_final: bool = False) -> PassResult:
         """One decode pass; token_ids [b_u] are the rows' newest tokens."""
-        newest = [states[r].newest for r in rows]
-        pos = torch.tensor(newest, dtype=torch.int64, device=self.device)
-        x = self.model.embed(token_ids.view(-1, 1), pos.view(-1, 1))  # [1, b_u, h]
-        lay = self._layout(rows, newest, [n + 1 for n in newest])
-        return self._descend(rows, states, x, lay, exits, set(capped), all_final)
+        x, lay = self.embed_newest(rows, states, token_ids)
+        out, _, _ = self.stage_pass(rows, states, x, lay, exits, set(capped), all_final)
+        return self._finish(rows, states, out)
 
     def prefill(self, rows: Sequence[int], states: Dict[int, RowState],
                 prompts: Sequence[Sequence[int]], exits: Sequence[ExitPoint] = ()) -> PassResult:
         """Whole prompts through every layer (exits only keep their block KV)."""
+        x, lay = self.embed_prompts(rows, prompts)
+        out, _, _ = self.stage_pass(rows, states, x, lay, block_only(exits), set(rows), False)
+        return self._finish(rows, states, out)
+
+    def embed_newest(self, rows, states, token_ids):
+        """x [1, b_u, h] of the rows' newest tokens and the pass layout."""
+        newest = [states[r].newest for r in rows]
+        pos = torch.tensor(newest, dtype=torch.int64, device=self.device)
+        x = self.model.embed(token_ids.view(-1, 1), pos.view(-1, 1))  # [1, b_u, h]
+        return x, self._layout(rows, newest, [n + 1 for n in newest])
+
+    def embed_prompts(self, rows, prompts):
+        """x [s, b, h] of whole prompts (left-padded: the last prompt token is slot -1)."""
         lens = [len(p) for p in prompts]
         s = max(lens)
         ids = torch.zeros(len(rows), s, dtype=torch.int64)
-        for i, p in enumerate(prompts):  # left padding: the last prompt token is slot -1
+        for i, p in enumerate(prompts):
             ids[i, s - len(p):] = torch.tensor(p, dtype=torch.int64)
         ids = ids.to(self.device)  # [b, s]
         offs = torch.tensor([s - n for n in lens], device=self.device)
         pos = (torch.arange(s, device=self.device)[None, :] - offs[:, None]).clamp_min(0)  # [b, s]
-        x = self.model.embed(ids, pos)  # [s, b, h]
-        lay = self._layout(rows, [0] * len(rows), lens)
-        block_only = [ExitPoint(e.depth, e.layer, None) for e in exits]
-        return self._descend(rows, states, x, lay, block_only, set(rows), False)
+        return self.model.embed(ids, pos), self._layout(rows, [0] * len(rows), lens)
+
+    def _finish(self, rows, states, out: "_Collector") -> PassResult:
+        for r in rows:
+            states[r].advance(out.depth[r], self.num_layers)
+        return out.result()
 
     # ------------------------------------------------------------------ the pass
-    def _descend(self, rows, states, x, lay, exits, capped, all_final) -> PassResult:
-        L = self.num_layers
-        out = _Collector(rows, L)
-        joins = {r: states[r].joins() for r in rows}
+    def stage_pass(self, rows, states, x, lay, exits, capped: Set[int], all_final: bool,
+                   decided: Sequence[int] = ()):
+        """This stage's depths ``lo..hi`` -> (collector, x, layout) after the stage (x None when
+        every row left). Rows in ``decided`` already have their token (an earlier stage)."""
+        out = _Collector(rows, self.num_layers)
+        out.decided.update(decided)
+        joins = {r: states[r].joins() for r in rows} if states is not None else {}
         by_depth: Dict[int, List[ExitPoint]] = {}
         for e in exits:
             assert e.threshold is None or e.threshold < 1.0, "tau >= 1 must never exit"
-            by_depth.setdefault(e.depth, []).append(e)
-        for d in range(L + 1):
+            if str(e.layer) in self.model.exits:
+                by_depth.setdefault(e.depth, []).append(e)
+        for d in range(self.lo, self.hi + 1):
             for ep in by_depth.get(d, ()):
                 x, lay = self._exit_point(ep, x, lay, capped, out, d)
                 if lay is None:
-                    break
-            if lay is None or d == L:
+                    return out, None, None
+            if d == self.hi:
                 break
-            x, lay = self._join(d, x, lay, joins)
+            if joins:
+                x, lay = self._join(d, x, lay, joins)
             self.cache.layout = lay
-            x = self.model.run_layer(d, x, self._rotary(lay))  # [s, b_a, h]
+            x = self.model.run_layer(d - self.lo, x, self._rotary(lay))  # [s, b_a, h]
             self.token_layers += sum(lay.counts)
-        rows_left = [] if lay is None else lay.rows_list
-        idx = [i for i, r in enumerate(rows_left) if r not in out.decided]
-        if idx or (all_final and rows_left):
-            src = x if all_final else x[-1:]
-            logits = self._gather(self.model.final_logits(src))  # [s or 1, b_a, V]
-            if idx:
-                last = logits[-1, idx]  # [n, V]
-                out.record(lay.rows_list, idx, last, self.confidence(last), L, {})
-            if all_final:
-                out.final_all, out.final_layout = logits, lay
-        for r in rows:
-            states[r].advance(out.depth[r], L)
-        return out.result()
+        if self.model.post_process:
+            self._final_head(x, lay, out, all_final)
+        return out, x, lay
+
+    def _final_head(self, x, lay: PassLayout, out: "_Collector", all_final: bool) -> None:
+        idx = [i for i, r in enumerate(lay.rows_list) if r not in out.decided]
+        if not (idx or all_final):
+            return
+        src = x if all_final else x[-1:]
+        logits = self._gather(self.model.final_logits(src))  # [s or 1, b_a, V]
+        if idx:
+            last = logits[-1, idx]  # [n, V]
+            out.record(lay.rows_list, idx, last, self.confidence(last), self.num_layers, {})
+        if all_final:
+            out.final_all, out.final_layout = logits, lay
 
     def _exit_point(self, ep: ExitPoint, x, lay: PassLayout, capped, out: "_Collector", depth: int):
         head = self.model.exits[str(ep.layer)]
@@ -231,16 +212,11 @@ class DepthRunner:
         slots = self._slots(lay)
         return self.store[slots, lay.rows[None, :].expand_as(slots)]  # [s, b_a, h]
 
-    def _gather(self, logits: torch.Tensor) -> torch.Tensor:  # [.., V/tp] -> [.., V]
-        return gather_from_tensor_model_parallel_region(logits)
+    def _gather(self, logits: torch.Tensor) -> torch.Tensor:  # [.., V/tp] -> [.., V_tokens]
+        return token_logits(gather_from_tensor_model_parallel_region(logits), self.cfg)
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        probs = torch.softmax(logits.to(dtype), dim=-1)
-        if self.confidence_kind == "margin":
-            top = probs.topk(2, dim=-1).values
-            return top[:, 0] - top[:, 1]
-        return probs.amax(dim=-1)
+        return confidence(logits, self.confidence_kind)
 
 
 class _Collector:

@@ -1,8 +1,10 @@
-"""Token-ids-in, token-ids-out generation engine for early-exit GPT models (PP=1, any TP).
+"""Token-ids-in, token-ids-out generation engine for early-exit GPT models (any TP, any PP).
 
 No tokenizer inside: prompts are lists of ids; stop strings need a ``detokenize(ids) -> str``
-callable. Under tensor parallelism every TP rank runs the same engine on the same inputs and
-seed (logits are gathered over TP, so every rank takes the same decisions).
+callable. Under tensor parallelism every TP rank runs the same engine on the same inputs (logits
+are gathered over TP, so every rank takes the same decisions). Under pipeline parallelism stage
+0 runs the session and the later stages serve its passes (pipeline_runner.py); ``generate`` is
+then collective: every rank calls it with the same arguments and gets the same outputs.
 
     engine = Engine(model, cfg)                       # model: EarlyExitGPTModel (or [model])
     outs = engine.generate([[5, 7, 9], [3]], max_new_tokens=32,
@@ -11,19 +13,16 @@ seed (logits are gathered over TP, so every rank takes the same decisions).
                            mode=EarlyExit(threshold=0.8))
     outs[0].tokens, outs[0].exit_layers, outs[0].confidences, outs[0].finish_reason
 
-    for new in engine.stream(prompts, 32, mode=SelfSpeculative(exit_layer=2)):
-        ...                                           # {row: [new token ids]} per step
+Modes (modes.py): ``FullDepth``, ``EarlyExit`` (confidence exits with KV recompute at PP = 1),
+``SelfSpeculative`` (speculative.py; PP = 1). How the layers run is a *runner* (runner.py: the
+eager DepthRunner, static / CUDA-graph runners, the PipelineRunner); ``Session`` does sampling,
+stops, self-speculative cycles and per-row seeds for all of them. A session holds the rows of
+one mode in a static KV cache; rows may be added and removed between steps, which is how the
+continuous-batching scheduler (scheduler.py) shares one cache between many requests.
 
-Modes (modes.py): ``FullDepth``, ``EarlyExit`` (confidence exits with KV recompute, see
-early_exit.py), ``SelfSpeculative`` (speculative.py). Batches of prompts with different lengths
-share one static KV cache (kv_cache.py) in which every row sits at its true positions; the
-in-flight tensors of a pass are left-padded so every row's newest token is the last slot.
-Rows that finish (stop id / string / length) drop out of later passes. An engine serves one
-session at a time (sessions share its static cache).
-
-Extension point, pipeline parallelism: a PP>1 engine provides a runner with the same
-``prefill`` / ``run`` contract as ``early_exit.DepthRunner`` (stage 0 embeds and sends the exited
-token back, later stages fill the deep KV) and reuses ``Session``'s sampling and stop handling.
+Seeds: every row samples from its own generator, seeded with its request's seed (or, unseeded,
+with one the engine derives from its own seed and a request counter), so a row's tokens depend
+only on its prompt, parameters and seed, never on its batch-mates or the layout.
 
 Run the tests: ``python -m pytest -q tests/unit/test_engine_*.py``.
 """
@@ -35,59 +34,105 @@ import dataclasses
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
-from megatron.early_exit.inference.early_exit import DepthRunner, ExitPoint, RowState, exit_depth
+from megatron.early_exit.inference.early_exit import DepthRunner
+from megatron.early_exit.inference.exit_points import exit_points
 from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.modes import (EarlyExit, FullDepth, GenerationOutput, Mode,
+from megatron.early_exit.inference.modes import (EarlyExit, FullDepth, GenerationOutput,
                                                  SelfSpeculative)
-from megatron.early_exit.inference.sampling import (BatchSamplingParams, SamplingParams,
-                                                    processed_probs, sample)
+from megatron.early_exit.inference.requests import (GenerationRequest, RequestError,
+                                                    validate_request)
+from megatron.early_exit.inference.runner import PassResult, RowState
+from megatron.early_exit.inference.sampling import SamplingParams, processed_probs, sample
 from megatron.early_exit.inference.stopping import StopChecker, StopCriteria
 
 __all__ = ["Engine", "Session"]
 
 Sampling = Union[SamplingParams, Sequence[SamplingParams]]
 GREEDY = SamplingParams(temperature=0.0)
+FAST_DECODE = (None, "static", "cuda_graph", "compile")
 
 
 class Engine:
-    """Generation on one EarlyExitGPTModel stage that holds the whole model (PP=1)."""
+    """Generation on an EarlyExitGPTModel stage (PP = 1: the whole model; PP > 1: pass ``ctx``)."""
 
-    def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None):
+    def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None,
+                 ctx=None):
         """``fast_decode``: None (every step through the general pass), ``"static"`` (static
         shapes), ``"cuda_graph"`` (those steps replayed as CUDA graphs) or ``"compile"``
-        (full-depth steps through torch.compile, then a CUDA graph). It applies to full-depth
-        steps (static_decode.py, any batch) and to batch-1 early exit / self-speculative passes
-        (static_early_exit.py)."""
+        (full-depth steps through torch.compile, then a CUDA graph). It applies to sessions that
+        own their whole cache (``generate``): full-depth steps at any batch (static_decode.py)
+        and batch-1 early exit / self-speculative passes (static_early_exit.py)."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
-                raise NotImplementedError("the engine runs one model chunk (PP=1, no virtual PP)")
+                raise NotImplementedError("the engine runs one model chunk per rank (no virtual PP)")
             model = model[0]
-        if not (model.pre_process and model.post_process):
-            raise NotImplementedError(
-                "PP>1 needs the pipelined engine (see the extension point in this module)")
         if cfg.parallel.sequence_parallel:
             raise ValueError("build the inference model with sequence_parallel=False")
+        if fast_decode not in FAST_DECODE:
+            raise ValueError("fast_decode must be None, 'static', 'cuda_graph' or 'compile', got "
+                             f"{fast_decode!r}")
         self.model, self.cfg = model.eval(), cfg
+        self.pipelined = not (model.pre_process and model.post_process)
+        self.drives = model.pre_process  # this rank runs sessions (stage 0)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.channel = None
+        if self.pipelined:
+            from megatron.early_exit.inference.pipeline_runner import PipelineChannel
+
+            if ctx is None:
+                raise ValueError("a pipeline stage (PP > 1) needs the parallel context (ctx=)")
+            if fast_decode is not None:
+                raise ValueError("fast_decode is not supported with pipeline parallelism (PP > 1)")
+            self.channel = PipelineChannel(ctx, cfg.model.hidden_size, self.dtype)
         self.attention = [layer.self_attention.core_attention for layer in model.decoder.layers]
         self.attention += [head.block.self_attention.core_attention
                            for head in model.exits.values() if head.block is not None]
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(cfg.seed if seed is None else seed)
+        self.seed = cfg.seed if seed is None else seed
+        self.requests_seen = 0  # derives the seeds of unseeded requests (same on every rank)
         self._cache: Optional[KVCache] = None
-        if fast_decode not in (None, "static", "cuda_graph", "compile"):
-            raise ValueError("fast_decode must be None, 'static', 'cuda_graph' or 'compile', got "
-                             f"{fast_decode!r}")
         self.fast_decode = fast_decode
         self._static = None  # StaticDecodeStep of the current cache
         self._static_ee = {}  # StaticRunner per (exits, slots, confidence) of the current cache
+        self._stage_runners = {}  # later stages: DepthRunner per (cache shape, confidence)
+
+    # ------------------------------------------------------------------ caches and runners
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        m, tp = self.cfg.model, self.cfg.parallel.tensor_model_parallel_size
+        return KVCache(self.attention, batch, max_len, m.num_query_groups // tp, m.head_dim,
+                       self.dtype, self.device)
+
+    def cache_for(self, batch: int, max_len: int) -> KVCache:
+        """A static cache for this request shape (reused when the last one fits), reset."""
+        m, tp = self.cfg.model, self.cfg.parallel.tensor_model_parallel_size
+        shape = (self.attention, batch, max_len, m.num_query_groups // tp, m.head_dim, self.dtype)
+        if self._cache is None or not self._cache.fits(*shape):
+            self._cache = None
+            self._cache = self.new_cache(batch, max_len)
+        self._cache.reset()
+        return self._cache
+
+    def make_runner(self, session: "Session", exclusive: bool):
+        """The runner of a session: eager, pipelined, or (fast_decode, and the session owns its
+        whole cache) a static / CUDA-graph one."""
+        general = DepthRunner(self.model, self.cfg, session.cache, session.store_slots,
+                              session.confidence_kind)
+        if self.pipelined:
+            from megatron.early_exit.inference.pipeline_runner import PipelineRunner
+
+            return PipelineRunner(self.channel, general)
+        if self.fast_decode is None or not exclusive:
+            return general
+        if not session.exits:
+            from megatron.early_exit.inference.static_decode import StaticFullDepthRunner
+
+            return StaticFullDepthRunner(general, self.static_step(session.cache))
+        return self.static_runner(session, general, in_flight=session.store_slots - 1)
 
     def static_step(self, cache: KVCache):
-        """The StaticDecodeStep for ``cache`` (built once per cache; None if fast_decode is off)."""
-        if self.fast_decode is None:
-            return None
+        """The StaticDecodeStep for ``cache`` (built once per cache)."""
         if self._static is None or self._static.cache is not cache:
             from megatron.early_exit.inference.static_decode import StaticDecodeStep
 
@@ -97,25 +142,12 @@ class Engine:
                                             compile=self.fast_decode == "compile")
         return self._static
 
-    def cache_for(self, batch: int, max_len: int) -> KVCache:
-        """A static cache for this request shape (reused when the last one fits)."""
-        m, tp = self.cfg.model, self.cfg.parallel.tensor_model_parallel_size
-        shape = (self.attention, batch, max_len, m.num_query_groups // tp, m.head_dim, self.dtype)
-        if self._cache is None or not self._cache.fits(*shape):
-            self._cache = None
-            self._cache = KVCache(self.attention, batch, max_len, m.num_query_groups // tp,
-                                  m.head_dim, self.dtype, self.device)
-        self._cache.reset()
-        return self._cache
-
     def static_runner(self, session: "Session", runner: DepthRunner, in_flight: int):
-        """A StaticRunner in place of ``runner`` for a batch-1 session with exits (early exit or
-        self-speculative) when fast_decode is on, else ``runner``; graphs are kept for later
-        sessions of the same cache, exits and slot count."""
+        """A StaticRunner in place of ``runner`` for a batch-1 session with exits; graphs are
+        kept for later sessions of the same cache, exits and slot count."""
         from megatron.early_exit.inference import static_early_exit as see
 
-        if (self.fast_decode is None or not session.exits
-                or not see.supports(self.model, session.exits, len(session.prompts))):
+        if not see.supports(self.model, session.exits, session.cache.batch):
             return runner
         key = (tuple((e.depth, e.layer) for e in session.exits), in_flight, runner.confidence_kind)
         if any(v.cache is not session.cache for v in self._static_ee.values()):
@@ -128,16 +160,75 @@ class Engine:
         static.runner = runner  # this session's store of pending hidden states
         return static
 
+    def next_seed(self) -> int:
+        """A seed for an unseeded request: a function of the engine seed and a counter."""
+        self.requests_seen += 1
+        return (self.seed * 0x9E3779B1 + self.requests_seen * 0x85EBCA77) % (2 ** 63)
+
+    # ------------------------------------------------------------------ pipeline stages
+    def serve(self) -> None:
+        """Later pipeline stages: serve stage 0's passes until it calls ``shutdown``."""
+        from megatron.early_exit.inference.pipeline_runner import serve_stage
+
+        if self.drives:
+            raise RuntimeError("serve() runs on the later pipeline stages; stage 0 drives")
+        with torch.no_grad():
+            serve_stage(self.channel, self._stage_runner)
+
+    def shutdown(self) -> None:
+        """Stage 0: end the later stages' ``serve`` loops (no-op at PP = 1)."""
+        from megatron.early_exit.inference.pipeline_runner import end_header
+
+        if self.pipelined and self.drives:
+            self.channel.send_pass(end_header(self.device), None)
+            self.channel.drain()
+
+    def _stage_runner(self, batch: int, max_len: int, confidence: str) -> DepthRunner:
+        key = (batch, max_len, confidence)
+        if key not in self._stage_runners:
+            caches = {(r.cache.batch, r.cache.max_len): r.cache for r in self._stage_runners.values()}
+            cache = caches.get((batch, max_len)) or self.new_cache(batch, max_len)
+            self._stage_runners[key] = DepthRunner(self.model, self.cfg, cache, 1, confidence)
+        return self._stage_runners[key]
+
+    # ------------------------------------------------------------------ generation
     def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: Sampling = GREEDY, stop: Optional[StopCriteria] = None, mode=FullDepth(),
                 detokenize: Optional[Callable[[List[int]], str]] = None) -> "Session":
-        """A step-by-step generation (use ``with session.attached(): session.step()``)."""
-        return Session(self, prompts, max_new_tokens, sampling, stop, mode, detokenize)
+        """A session owning a cache sized for these prompts, with row i = prompt i
+        (use ``with session.attached(): session.step()``)."""
+        requests = self.requests(prompts, max_new_tokens, sampling, stop, mode)
+        max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        sess = Session(self, self.cache_for(len(requests), max_len), mode, detokenize,
+                       exclusive=True)
+        for row, req in enumerate(requests):
+            sess.add(row, req)
+        return sess
+
+    def requests(self, prompts, max_new_tokens, sampling=GREEDY, stop=None,
+                 mode=FullDepth()) -> List[GenerationRequest]:
+        """Validated requests (ValueError naming the field; the same on every rank)."""
+        if not prompts:
+            raise ValueError("prompts must hold at least one prompt")
+        params = _row_params(sampling, len(prompts))
+        stop = stop or StopCriteria()
+        limit = max_new_tokens
+        if _is_int(limit) and stop.max_new_tokens is not None:
+            limit = min(limit, stop.max_new_tokens)
+        out = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            req = GenerationRequest(prompt=list(p), max_new_tokens=limit, sampling=sp, mode=mode,
+                                    stop=stop)
+            try:
+                validate_request(req, self.cfg, pipeline=self.pipelined)
+            except RequestError as e:
+                raise ValueError(f"prompt {i}: {e}" if e.field == "prompt" else str(e)) from None
+            out.append(req)
+        return out
 
     def stream(self, prompts, max_new_tokens, sampling: Sampling = GREEDY, stop=None,
                mode=FullDepth(), detokenize=None) -> Iterator[Dict[int, List[int]]]:
-        """Yield {row: kept new token ids} after every step (for exit layers and confidences
-        drive a ``session`` directly and read its ``outputs``)."""
+        """Yield {row: kept new token ids} after every step (PP = 1)."""
         sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
         with sess.attached():
             while not sess.done:
@@ -145,62 +236,94 @@ class Engine:
 
     def generate(self, prompts, max_new_tokens, sampling: Sampling = GREEDY, stop=None,
                  mode=FullDepth(), detokenize=None) -> List[GenerationOutput]:
-        """Generate for every prompt; one GenerationOutput per prompt, in order."""
-        sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
-        with sess.attached():
-            while not sess.done:
-                sess.step()
-        return sess.outputs
+        """Generate for every prompt; one GenerationOutput per prompt, in order. Collective at
+        PP > 1 (every rank calls it with the same arguments and returns the same outputs)."""
+        if not self.drives:
+            self.requests(prompts, max_new_tokens, sampling, stop, mode)  # same errors everywhere
+            self.serve()
+            outputs = None
+        else:
+            try:
+                sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
+                with sess.attached():
+                    while not sess.done:
+                        sess.step()
+                outputs = sess.outputs
+            finally:
+                self.shutdown()
+        if self.pipelined:
+            shared = [outputs]
+            dist.broadcast_object_list(shared, src=self.channel.stage_ranks[0],
+                                       group=self.channel.group)
+            outputs = shared[0]
+        return outputs
+
+
+@dataclasses.dataclass
+class _Row:
+    """One request's state inside a session."""
+
+    request: GenerationRequest
+    generator: torch.Generator
+    checker: StopChecker
+    output: GenerationOutput
+    finished: bool = False
 
 
 class Session:
-    """One batch of prompts being generated: cache, per-row state, sampling and stopping."""
+    """The rows of one decoding mode in a static KV cache: sampling, stops, seeds, modes."""
 
-    def __init__(self, engine: Engine, prompts, max_new_tokens, sampling, stop, mode, detokenize):
-        self.engine, self.cfg, self.mode = engine, engine.cfg, mode
-        self.prompts = _check_prompts(prompts, self.cfg.model.vocab_size)
-        n = max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if not isinstance(mode, Mode):
-            raise TypeError(f"mode must be FullDepth, EarlyExit or SelfSpeculative, got {mode!r}")
-        B = len(self.prompts)
-        self.params = _row_params(sampling, B)
-        # One generator per batch: the first row's seed, else the engine's own (seeded once
-        # with cfg.seed, so TP ranks that serve the same requests stay in step).
-        first = self.params[0]
-        self.generator = engine.generator
-        if first.seed is not None:
-            self.generator = first.make_generator(engine.device)
-        stop = stop or StopCriteria()
-        limit = min(max_new_tokens, stop.max_new_tokens or max_new_tokens)
-        crit = dataclasses.replace(stop, max_new_tokens=limit)
-        self.checkers = [StopChecker(crit, detokenize) for _ in range(B)]
-        self.outputs = [GenerationOutput(prompt_len=len(p)) for p in self.prompts]
-        self.exits, draft = self._exit_points(mode)
-        # The newest position ever processed is prompt_len + limit - 2 (drafts included).
-        max_len = max(len(p) for p in self.prompts) + limit
-        _check_positions(self.cfg, max_len - 1)
-        self.cache = engine.cache_for(B, max_len)
-        slots = max(getattr(mode, "max_pending", 0), draft) + 2
-        self.runner = DepthRunner(engine.model, self.cfg, self.cache, slots,
-                                  getattr(mode, "confidence", "max_prob"))
-        # full depth every step (no exit can fire): static shapes / CUDA graph if enabled
-        self.static = None if self.exits else engine.static_step(self.cache)
-        # batch 1 with exits: passes on static layer segments (StaticRunner) if enabled
-        self.runner = engine.static_runner(self, self.runner, in_flight=slots - 1)
-        self.states = {r: RowState(newest=len(p) - 1) for r, p in enumerate(self.prompts)}
-        self.last = [p[-1] for p in self.prompts]  # newest token id per row
-        self.live: List[int] = list(range(B))  # rows still generating, in batch order
-        self.finished = [False] * B
-        self.prefilled = False
+    def __init__(self, engine: Engine, cache: KVCache, mode=FullDepth(), detokenize=None,
+                 exclusive: bool = False):
+        self.engine, self.cfg, self.mode, self.cache = engine, engine.cfg, mode, cache
+        self.detokenize = detokenize
+        self.exits, draft = exit_points(self.cfg, mode)
+        self.store_slots = max(getattr(mode, "max_pending", 0), draft) + 2
+        self.confidence_kind = getattr(mode, "confidence", "max_prob")
+        self.runner = engine.make_runner(self, exclusive)
+        self.rows: Dict[int, _Row] = {}
+        self.states: Dict[int, RowState] = {}
+        self.last: Dict[int, int] = {}  # newest token id per row
+        self.live: List[int] = []  # prefilled rows still generating, in row order
+        self.waiting: List[int] = []  # rows added since the last step (prefill next)
         self.stats = {"passes": 0, "drafted": 0, "accepted": 0}
-        self._batch_params: Dict[tuple, BatchSamplingParams] = {}
 
-    # ------------------------------------------------------------------ driving
+    # ------------------------------------------------------------------ rows
+    def add(self, row: int, request: GenerationRequest) -> None:
+        """Take cache row ``row`` for ``request`` (validated); it is prefilled at the next step."""
+        assert row not in self.rows and 0 <= row < self.cache.batch, row
+        seed = request.sampling.seed
+        gen = torch.Generator(device=self.engine.device)
+        gen.manual_seed(self.engine.next_seed() if seed is None else seed)
+        stop = dataclasses.replace(request.stop, max_new_tokens=request.max_new_tokens)
+        out = GenerationOutput(prompt_len=len(request.prompt))
+        if request.logprobs:
+            out.logprobs = []
+        self.rows[row] = _Row(request, gen, StopChecker(stop, self.detokenize), out)
+        self.states[row] = RowState(newest=len(request.prompt) - 1)
+        self.last[row] = request.prompt[-1]
+        self.cache.truncate([row], [0])
+        self.waiting.append(row)
+
+    def remove(self, row: int) -> None:
+        """Forget a row (finished or cancelled); its cache row is free for another request."""
+        self.rows.pop(row, None)
+        self.states.pop(row, None)
+        self.last.pop(row, None)
+        self.live = [r for r in self.live if r != row]
+        self.waiting = [r for r in self.waiting if r != row]
+
     @property
     def done(self) -> bool:
-        return not self.live
+        return not self.live and not self.waiting
+
+    @property
+    def prompts(self) -> List[List[int]]:
+        return [self.rows[r].request.prompt for r in sorted(self.rows)]
+
+    @property
+    def outputs(self) -> List[GenerationOutput]:
+        return [self.rows[r].output for r in sorted(self.rows)]
 
     @contextlib.contextmanager
     def attached(self):
@@ -208,43 +331,85 @@ class Session:
         with torch.no_grad(), self.cache.attach():
             yield self
 
+    # ------------------------------------------------------------------ stepping
     def step(self) -> Dict[int, List[int]]:
-        """Prefill, or one decoding step of every live row; returns the kept new tokens."""
-        if self.done:
-            return {}
-        if not self.prefilled:
-            self.prefilled = True
-            rows = list(self.live)
-            res = self.runner.prefill(rows, self.states, self.prompts, self.exits)
+        """Prefill the rows added since the last step, or one decoding step (one pass, or one
+        self-speculative cycle) of every live row; returns {row: kept new tokens}."""
+        if self.waiting:
+            rows, self.waiting = sorted(self.waiting), []
+            prompts = [self.rows[r].request.prompt for r in rows]
+            res = self.runner.prefill(rows, self.states, prompts, self.exits)
             self.stats["passes"] += 1
+            self.live = sorted(self.live + rows)
             return self._single_token_step(rows, res)
+        if not self.live:
+            return {}
         if isinstance(self.mode, SelfSpeculative):
             from megatron.early_exit.inference.speculative import speculative_step
 
             return speculative_step(self)
         rows = list(self.live)
-        if self.static is not None:
-            res = self.static.decode(rows, self.states, self.last, self.runner.confidence)
-            self.stats["passes"] += 1
-            return self._single_token_step(rows, res)
         capped = []
         if isinstance(self.mode, EarlyExit):
-            cap = self.mode.max_pending
-            capped = [r for r in rows if len(self.states[r].pend) >= cap]
+            capped = [r for r in rows if len(self.states[r].pend) >= self.mode.max_pending]
         res = self.runner.run(rows, self.states, self.token_ids(rows), self.exits, capped)
         self.stats["passes"] += 1
         return self._single_token_step(rows, res)
 
-    def _single_token_step(self, rows, res) -> Dict[int, List[int]]:
-        tokens = sample(res.logits, self.row_params(rows), self.generator).tolist()
+    def _single_token_step(self, rows, res: PassResult) -> Dict[int, List[int]]:
+        tokens = self.sample(res.logits, rows)
         confs = res.confidence.tolist()
+        logprobs = self.logprobs(res.logits, rows, tokens)
         new = {}
         for i, r in enumerate(rows):
             self.states[r].newest += 1
             self.last[r] = tokens[i]
-            new[r] = self.emit(r, [tokens[i]], [res.exit_layer[i]], [confs[i]])
+            lp = None if logprobs[i] is None else [logprobs[i]]
+            new[r] = self.emit(r, [tokens[i]], [res.exit_layer[i]], [confs[i]], lp)
         self.drop_finished()
         return new
+
+    # ------------------------------------------------------------------ sampling (per row)
+    def sample(self, logits: torch.Tensor, rows: Sequence[int]) -> List[int]:
+        """One token per row, each sampled with the row's own generator."""
+        return self.draw(logits, rows)[0].tolist()
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[int]):
+        """logits [b, V] -> (tokens [b], the distributions they were drawn from [b, V], or None
+        when every row is greedy). Row i draws from its own generator only."""
+        if self.all_greedy(rows):
+            return logits.argmax(dim=-1), None
+        toks, probs = [], []
+        for i, r in enumerate(rows):
+            row = self.rows[r]
+            p = processed_probs(logits[i:i + 1], row.request.sampling)  # [1, V]
+            if row.request.sampling.greedy:
+                toks.append(p.argmax(dim=-1))
+            else:
+                toks.append(torch.multinomial(p, 1, generator=row.generator).squeeze(-1))
+            probs.append(p)
+        return torch.cat(toks), torch.cat(probs)
+
+    def logprobs(self, logits: torch.Tensor, rows, tokens: Sequence[int]) -> List[Optional[float]]:
+        """log p(token) under the producing head at temperature 1, for rows that asked."""
+        want = [i for i, r in enumerate(rows) if self.rows[r].output.logprobs is not None]
+        out: List[Optional[float]] = [None] * len(rows)
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            lp = torch.log_softmax(logits.index_select(0, idx).double(), dim=-1)
+            tok = torch.tensor([tokens[i] for i in want], device=logits.device)
+            for i, v in zip(want, lp.gather(1, tok[:, None])[:, 0].tolist()):
+                out[i] = v
+        return out
+
+    def generator(self, row: int) -> torch.Generator:
+        return self.rows[row].generator
+
+    def params(self, row: int) -> SamplingParams:
+        return self.rows[row].request.sampling
+
+    def all_greedy(self, rows) -> bool:
+        return all(self.rows[r].request.sampling.greedy for r in rows)
 
     # ------------------------------------------------------------------ helpers for modes
     def token_ids(self, rows: Sequence[int]) -> torch.Tensor:  # [b_u]
@@ -252,79 +417,30 @@ class Session:
         return torch.tensor(ids, dtype=torch.int64, device=self.engine.device)
 
     def remaining(self, row: int) -> int:
-        return self.checkers[row].criteria.max_new_tokens - self.checkers[row].num_generated
+        ch = self.rows[row].checker
+        return ch.criteria.max_new_tokens - ch.num_generated
 
-    def row_params(self, rows: Sequence[int], repeat: int = 1):
-        """SamplingParams (all rows alike) or BatchSamplingParams for these rows."""
-        first = self.params[rows[0]]
-        if all(self.params[r] == first for r in rows):
-            return first
-        key = (tuple(rows), repeat)
-        if key not in self._batch_params:
-            per = [self.params[r] for r in rows for _ in range(repeat)]
-            self._batch_params[key] = BatchSamplingParams.stack(per, self.engine.device)
-        return self._batch_params[key]
-
-    def all_greedy(self, rows) -> bool:
-        return all(self.params[r].greedy for r in rows)
-
-    def draw(self, logits: torch.Tensor, rows):
-        """logits [b, V] -> (tokens [b], the distribution they were drawn from [b, V], or None
-        when every row is greedy)."""
-        params = self.row_params(rows)
-        if self.all_greedy(rows):
-            return logits.argmax(dim=-1), None
-        probs = processed_probs(logits, params)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), probs
-
-    def emit(self, row: int, tokens, layers, confs) -> List[int]:
+    def emit(self, row: int, tokens, layers, confs, logprobs=None) -> List[int]:
         """Feed the row's new tokens to its stop checker; keep those before the stop."""
-        out = self.outputs[row]
+        state = self.rows[row]
+        out = state.output
         before = len(out.tokens)
-        res = self.checkers[row].feed(tokens)
+        res = state.checker.feed(tokens)
         n = res.num_tokens - before
         out.extend(tokens[:n], layers[:n], confs[:n])
+        if out.logprobs is not None and logprobs is not None:
+            out.logprobs.extend(logprobs[:n])
         if res.stopped:
             out.finish_reason, out.text_len = res.finish_reason, res.text_len
-            self.finished[row] = True
+            state.finished = True
         return list(tokens[:n])
 
     def drop_finished(self) -> None:
-        self.live = [r for r in self.live if not self.finished[r]]
-
-    def _exit_points(self, mode):
-        """(exit points of every pass, extra cache positions a cycle may use)."""
-        cfg = self.cfg
-        layers = cfg.exits.exit_layer_nums
-        if isinstance(mode, SelfSpeculative):
-            if mode.exit_layer not in layers:
-                raise ValueError(f"exit_layer {mode.exit_layer} is not an exit ({layers})")
-            depth = exit_depth(cfg, mode.exit_layer)
-            if depth >= cfg.model.num_layers:
-                raise ValueError(f"exit_layer {mode.exit_layer} reads the last layer's output: "
-                                 "nothing would be left to verify the drafts with")
-            return [ExitPoint(depth, mode.exit_layer, None)], mode.num_draft
-        if not isinstance(mode, EarlyExit) or mode.threshold >= 1.0:
-            return [], 0  # tau = 1.0 never exits: exactly the full-depth computation
-        allowed = layers if mode.exit_layers is None else mode.exit_layers
-        bad = [x for x in allowed if x not in layers]
-        if bad:
-            raise ValueError(f"exit_layers {bad} are not exits of this model ({layers})")
-        return [ExitPoint(exit_depth(cfg, k), k, mode.threshold) for k in sorted(allowed)], 0
+        self.live = [r for r in self.live if not self.rows[r].finished]
 
 
-def _check_prompts(prompts, vocab: int) -> List[List[int]]:
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt")
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        out.append(p)
-    return out
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _row_params(sampling: Sampling, batch: int) -> List[SamplingParams]:
@@ -334,10 +450,3 @@ def _row_params(sampling: Sampling, batch: int) -> List[SamplingParams]:
     if len(params) != batch or not all(isinstance(p, SamplingParams) for p in params):
         raise ValueError(f"sampling must be one SamplingParams or one per prompt ({batch})")
     return params
-
-
-def _check_positions(cfg, positions: int) -> None:
-    m = cfg.model
-    if m.position_embedding_type != "rope" and positions > m.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens needs {positions} positions, the model has "
-                         f"--max-position-embeddings={m.max_position_embeddings}")

@@ -78,6 +78,7 @@ class GenerationOutput:
     confidences: List[float] = field(default_factory=list)
     finish_reason: Optional[str] = None
     text_len: Optional[int] = None
+    logprobs: Optional[List[float]] = None  # log p(token) at temperature 1, when requested
 
     def extend(self, tokens: Sequence[int], layers: Sequence[int], confs: Sequence[float]) -> None:
         self.tokens.extend(tokens)

@@ -98,7 +98,7 @@ def validate_request(req: GenerationRequest, cfg, pipeline: bool = False) -> Non
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         raise RequestError("prompt", "token ids must be integers")
     if min(p) < 0 or max(p) >= vocab:
-        raise RequestError("prompt", f"token ids must be in [0, {vocab})")
+        raise RequestError("prompt", f"has token ids outside the vocabulary [0, {vocab})")
     n = req.max_new_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError("max_new_tokens", f"must be an integer >= 1, got {n!r}")

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron.early_exit.inference.early_exit import ExitPoint, exit_depth
+from megatron.early_exit.inference.exit_points import ExitPoint, confidence, exit_depth
 from megatron.early_exit.inference.sampling import (processed_probs, speculative_accept,
                                                     speculative_accept_greedy)
 
@@ -45,8 +45,8 @@ def speculative_step(sess) -> Dict[int, List[int]]:
     sess.stats["passes"] += 1
     target = _per_row_slots(res.final_all, res.final_layout.s, drafts.lengths)  # [b, k+1, V]
     n_acc, nxt = _accept(sess, rows, drafts, target)  # [b], [b]
-    fin_conf = torch.softmax(target.float(), dim=-1).amax(-1)  # [b, k+1]
-    fin_conf = fin_conf.gather(1, n_acc[:, None]).squeeze(1)  # [b]
+    picked = target.gather(1, n_acc[:, None, None].expand(-1, 1, target.shape[-1]))[:, 0]  # [b, V]
+    fin_conf = confidence(picked, sess.confidence_kind)  # [b]
     n_acc, nxt, fin_conf = n_acc.tolist(), nxt.tolist(), fin_conf.tolist()
     tok_l, conf_l = drafts.tokens.tolist(), drafts.conf.tolist()
     lengths = [p + n + 1 for p, n in zip(start, n_acc)]
@@ -123,13 +123,23 @@ def _per_row_slots(final_all: torch.Tensor, s: int, m: List[int]) -> torch.Tenso
 
 
 def _accept(sess, rows, drafts: _Drafts, target: torch.Tensor):
-    """-> accepted drafts [b] and the next token [b] per row."""
+    """-> accepted drafts [b] and the next token [b] per row (each row with its own
+    generator, so a row's outcome does not depend on its batch-mates)."""
     b, k1, V = target.shape
     draft_t = drafts.tokens[:, : k1 - 1]  # [b, k]
     lengths = torch.tensor(drafts.lengths, dtype=torch.int64, device=target.device)
     if sess.all_greedy(rows):
         return speculative_accept_greedy(draft_t, target, lengths)
-    p = processed_probs(target.reshape(b * k1, V), sess.row_params(rows, repeat=k1))
-    q = drafts.probs if drafts.probs is not None else p.new_zeros(b, k1 - 1, V)
-    return speculative_accept(draft_t, q[:, : k1 - 1].to(p.dtype), p.view(b, k1, V),
-                              sess.generator, lengths)
+    n_acc, nxt = [], []
+    for i, r in enumerate(rows):
+        one = slice(i, i + 1)
+        if sess.params(r).greedy:
+            a, t = speculative_accept_greedy(draft_t[one], target[one], lengths[one])
+        else:
+            p = processed_probs(target[i], sess.params(r))  # [k+1, V]
+            q = (drafts.probs[one, : k1 - 1].to(p.dtype) if drafts.probs is not None
+                 else p.new_zeros(1, k1 - 1, V))  # [1, k, V]
+            a, t = speculative_accept(draft_t[one], q, p[None], sess.generator(r), lengths[one])
+        n_acc.append(a)
+        nxt.append(t)
+    return torch.cat(n_acc), torch.cat(nxt)

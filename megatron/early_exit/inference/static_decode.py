@@ -35,10 +35,11 @@ from typing import Dict, Sequence
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron.early_exit.inference.early_exit import PassResult, RowState
+from megatron.early_exit.inference.exit_points import confidence, token_logits
+from megatron.early_exit.inference.runner import PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
 
-__all__ = ["StaticDecodeStep", "capture_graph"]
+__all__ = ["StaticDecodeStep", "StaticFullDepthRunner", "capture_graph"]
 
 
 def capture_graph(run, device: torch.device, warmups: int, reset=lambda: None) -> "torch.cuda.CUDAGraph":
@@ -151,3 +152,35 @@ class StaticDecodeStep:
         for r in rows:
             states[r].advance(self.num_layers, self.num_layers)
         return PassResult(picked, confidence(picked), [self.num_layers] * len(rows))
+
+
+class StaticFullDepthRunner:
+    """The runner contract (runner.py) over a StaticDecodeStep: decode passes without exits go
+    through the static step (every cache row computed: the session must own the whole cache);
+    prefill and anything with exits or ``all_final`` go to the general runner."""
+
+    supports_all_final = True
+
+    def __init__(self, general, step: StaticDecodeStep):
+        self.general, self.step = general, step
+        self.cfg, self.cache = general.cfg, step.cache
+        self.confidence_kind = general.confidence_kind
+        self.num_layers = general.num_layers
+        self.tokens = torch.zeros(step.cache.batch, dtype=torch.int64, device=step.cache.device)
+
+    def prefill(self, rows, states, prompts, exits=()) -> PassResult:
+        return self.general.prefill(rows, states, prompts, exits)
+
+    def run(self, rows, states: Dict[int, RowState], token_ids: torch.Tensor, exits=(),
+            capped=(), all_final: bool = False) -> PassResult:
+        if exits or all_final:
+            return self.general.run(rows, states, token_ids, exits, capped, all_final)
+        dev, L = self.cache.device, self.num_layers
+        rows_t = torch.tensor(list(rows), dtype=torch.int64, device=dev)
+        self.tokens.index_copy_(0, rows_t, token_ids)  # other rows re-feed their last token
+        newest = [states[r].newest if r in states else 0 for r in range(self.cache.batch)]
+        logits = self.step(self.tokens, torch.tensor(newest, dtype=torch.int64, device=dev))
+        picked = token_logits(logits.index_select(0, rows_t), self.cfg)  # [b_u, V]
+        for r in rows:
+            states[r].advance(L, L)
+        return PassResult(picked, confidence(picked, self.confidence_kind), [L] * len(rows))

@@ -46,7 +46,9 @@ from typing import Dict, List, Sequence
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron.early_exit.inference.early_exit import DepthRunner, ExitPoint, PassResult, RowState
+from megatron.early_exit.inference.early_exit import DepthRunner
+from megatron.early_exit.inference.exit_points import ExitPoint, token_logits
+from megatron.early_exit.inference.runner import PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
 from megatron.early_exit.inference.static_decode import capture_graph
 
@@ -118,14 +120,15 @@ class StaticRunner:
         self.x.copy_(x)
         first = seg.first_head
         for i, layer in enumerate(seg.exits):
-            logits = gather_from_tensor_model_parallel_region(
-                model.exit_logits(layer, x[-1:], rotary))[-1]  # [1, V]
+            logits = token_logits(gather_from_tensor_model_parallel_region(
+                model.exit_logits(layer, x[-1:], rotary)), self.cfg)[-1]  # [1, V]
             if self.logits is None:
                 self.logits = logits.new_zeros(self.conf.numel() - 1, logits.shape[-1])
             self.logits[first + i].copy_(logits[0])
             self.conf[first + i].copy_(self.runner.confidence(logits)[0])
         if seg.hi == self.L:
-            final = gather_from_tensor_model_parallel_region(model.final_logits(x))  # [R, 1, V]
+            final = token_logits(gather_from_tensor_model_parallel_region(
+                model.final_logits(x)), self.cfg)  # [R, 1, V]
             if self.final_all is None:
                 self.final_all = torch.empty_like(final)
             self.final_all.copy_(final)
@@ -159,6 +162,12 @@ class StaticRunner:
         self.valid_slots = sorted(self.valid_slots + slots)
 
     # ------------------------------------------------------------------ DepthRunner's contract
+    supports_all_final = True
+
+    @property
+    def confidence_kind(self) -> str:
+        return self.runner.confidence_kind
+
     def prefill(self, *args, **kwargs) -> PassResult:
         return self.runner.prefill(*args, **kwargs)  # prompts: the general pass
 
