@@ -24,8 +24,14 @@ hundreds of kernel launches. The graph holds the cache's buffers, so it is tied 
     step = StaticDecodeStep(model, cfg, cache, cuda_graph=True)
     logits = step(tokens, pos)        # [B, V] next-token logits (a view of a static buffer)
 
+With ``fused=True`` the layers are not megatron-core's ``TransformerLayer`` calls but a few
+fused torch ops per layer on the same weights and cache (fused_decode.py; TP=1, refuses by name
+what it does not cover): on CPU at batch 1 that removes the per-op overhead of megatron-core's
+layer wrappers (benchmarks/cpu_decode_peer.py measures it against transformers' ``generate``).
+
 The engine uses it with ``Engine(model, cfg, fast_decode="static" | "cuda_graph" | "compile")``.
-Tests: tests/unit/test_static_decode.py (CPU, eager) and tests/gpu/test_gpu_decode.py (graph).
+Tests: tests/unit/test_static_decode.py (CPU, eager), tests/unit/test_fused_decode.py (fused) and
+tests/gpu/test_gpu_decode.py (graph).
 """
 
 from __future__ import annotations
