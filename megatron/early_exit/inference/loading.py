@@ -4,7 +4,9 @@
     model, cfg, tokenizer = load_for_inference("ckpt", device=torch.device("cpu"))
 
 The checkpoint's full (canonical) tensors are sliced for this rank's tensor-parallel layout
-(``tensor_parallel`` ranks must already be initialised for TP > 1; PP = 1).
+(the process group must already be initialised for TP or PP > 1; any TP x PP).
+
+    engine, tokenizer = load_engine("ckpt", torch.device("cpu"), pipeline_model_parallel_size=2)
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def load_model_weights(model, full_state: dict, tp_rank: int, tp_size: int) -> N
 
 
 def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[int] = None,
-                       tensor_model_parallel_size: int = 1, dtype: Optional[str] = None):
-    """(model, cfg, tokenizer) from a checkpoint directory; model in eval mode on ``device``."""
+                       tensor_model_parallel_size: int = 1, dtype: Optional[str] = None,
+                       pipeline_model_parallel_size: int = 1, with_context: bool = False):
+    """(model, cfg, tokenizer) from a checkpoint directory; model in eval mode on ``device``
+    (this rank's stage at PP > 1; ``with_context``: also the parallel context)."""
     from megatron.early_exit.checkpoint.load import (checkpoint_tokenizer_files, config_from_dict,
                                                      load_full_state)
     from megatron.early_exit.data.tokenizers import tokenizer_from_directory
@@ -44,6 +48,7 @@ def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[
     config, full_state = load_full_state(load_dir, iteration)
     cfg = config_from_dict(config)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
+                              pipeline_model_parallel_size=pipeline_model_parallel_size,
                               world_size=dist.get_world_size())
     cfg = dataclasses.replace(cfg, parallel=parallel, recompute_granularity=None,
                               params_dtype=dtype or cfg.params_dtype)
@@ -53,4 +58,21 @@ def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[
     model.eval()
     files = checkpoint_tokenizer_files(load_dir, iteration)
     tokenizer = tokenizer_from_directory(os.path.dirname(files[0])) if files else None
+    if with_context:
+        return model, cfg, tokenizer, ctx
     return model, cfg, tokenizer
+
+
+def load_engine(load_dir: str, device: torch.device, tensor_model_parallel_size: int = 1,
+                pipeline_model_parallel_size: int = 1, dtype: Optional[str] = None,
+                fast_decode: Optional[str] = None, iteration: Optional[int] = None,
+                seed: Optional[int] = None):
+    """(Engine, tokenizer) for this rank of a TP x PP layout (the checkpoint's full tensors are
+    sliced to the layout, whatever layout they were saved in). Ranks of pipeline stage 0 have
+    ``engine.drives``; the others call ``engine.serve()``."""
+    from megatron.early_exit.inference.engine import Engine
+
+    model, cfg, tokenizer, ctx = load_for_inference(
+        load_dir, device, iteration, tensor_model_parallel_size, dtype,
+        pipeline_model_parallel_size, with_context=True)
+    return Engine(model, cfg, seed=seed, fast_decode=fast_decode, ctx=ctx), tokenizer
