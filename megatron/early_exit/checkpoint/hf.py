@@ -180,8 +180,27 @@ def carry_tokenizer(src_dir: str, out_dir: str) -> Optional[str]:
     os.makedirs(out_dir, exist_ok=True)
     for name in present:
         shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    _inline_chat_template(out_dir)
     save_tokenizer_files(tok, out_dir)
     return out_dir
+
+
+def _inline_chat_template(directory: str) -> None:
+    """transformers 5 saves the chat template as chat_template.jinja; our chat templates (and
+    older transformers) read it from tokenizer_config.json, so put it there too."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(jinja):
+        return
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if not config.get("chat_template"):
+        with open(jinja, encoding="utf-8") as f:
+            config["chat_template"] = f.read()
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def read_hf_config(load_dir: str) -> dict:
