@@ -253,10 +253,16 @@ class EarlyExitGPTConfig:
     recompute_granularity: Optional[str] = None  # --recompute-granularity {full,selective}
     params_dtype: str = "float32"  # float32 | float64 | bfloat16 (--bf16)
     seed: int = 1234  # --seed
+    # tokens per chunk of the fused output-projection + cross-entropy of every head (no
+    # [s, b, V/tp] logits kept for backward); 0: materialised logits
+    cross_entropy_chunk_size: int = 4096  # --cross-entropy-chunk-size
 
     def __post_init__(self):
         self.exits.validate_against(self.model)
         self.parallel.validate_against(self.model)
+        _require(isinstance(self.cross_entropy_chunk_size, int) and self.cross_entropy_chunk_size >= 0,
+                 "--cross-entropy-chunk-size must be a non-negative integer (0: materialised "
+                 f"logits), got {self.cross_entropy_chunk_size!r}")
         _require(self.recompute_granularity in (None, "full", "selective"),
                  f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         _require(self.params_dtype in ("float32", "float64", "bfloat16"),

@@ -62,6 +62,10 @@ class ExitHead(MegatronModule):
             h = self.norm(h)
         return h
 
+    def projection_weight(self, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """``W_out`` [V/tp, h]: the stage's word-embedding copy if tied, else the head's own."""
+        return tied_weight if self.tied else self.output_layer.weight
+
     def forward(self, hidden: torch.Tensor, rotary: Optional[torch.Tensor],
                 tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """[s, b, h] -> logits [s, b, V/tp] (the sequence is gathered under SP)."""

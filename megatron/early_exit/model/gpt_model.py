@@ -151,11 +151,32 @@ class EarlyExitGPTModel(MegatronModule):
     def exit_logits(self, layer: int, hidden: torch.Tensor, rotary) -> torch.Tensor:
         return self.exits[str(layer)](hidden, rotary, self.tied_weight())
 
+    def final_weight(self) -> torch.Tensor:
+        """The final head's output weight [V/tp, h] (its own, or the tied word embedding)."""
+        if self.cfg.model.untie_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return self.tied_weight()
+
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = self.decoder.final_layernorm(hidden)
-        weight = None if self.cfg.model.untie_embeddings_and_output_weights else self.tied_weight()
-        logits, _ = self.output_layer(h, weight=weight)
+        logits, _ = self.output_layer(self.decoder.final_layernorm(hidden), weight=self.final_weight())
         return logits
+
+    def head_outputs(self, projection, h: torch.Tensor, weight: torch.Tensor, labels, loss_mask,
+                     temperature: float, dynamic: bool, want_logits: bool):
+        """(logits [s, b, V/tp] or None, loss or None) of a head from its projection input
+        ``h`` [s, b, h]: the loss is fused with the projection in chunks of tokens unless
+        ``--cross-entropy-chunk-size 0``, so no logits are kept unless asked for."""
+        chunk = self.cfg.cross_entropy_chunk_size
+        logits, loss = None, None
+        if want_logits or (labels is not None and not chunk):
+            logits, _ = projection(h, weight=weight)
+        if labels is not None and chunk:
+            loss = losses.head_loss(h, weight, labels, loss_mask, temperature, dynamic,
+                                    self.cfg.model.num_tokens, chunk, self.config.sequence_parallel)
+        elif labels is not None:
+            loss = losses.exit_loss(logits, labels, loss_mask, temperature, dynamic,
+                                    self.cfg.model.num_tokens)
+        return logits, loss
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: Optional[torch.Tensor] = None,
@@ -198,13 +219,14 @@ class EarlyExitGPTModel(MegatronModule):
         ex = self.cfg.exits
 
         def exit_head(layer: int, hidden: torch.Tensor):
-            k = self._exit_index[layer]
-            logits = self.exit_logits(layer, hidden, rotary)
+            k, head = self._exit_index[layer], self.exits[str(layer)]
+            logits, loss = self.head_outputs(
+                head.output_layer, head.transform(hidden, rotary),
+                head.projection_weight(self.tied_weight()), labels, loss_mask,
+                ex.exit_layer_temperature[k], ex.use_dynamic_exit_layer_weight, return_logits)
             if return_logits:
                 out.exit_logits[layer] = logits
-            if labels is not None:
-                loss = losses.exit_loss(logits, labels, loss_mask, ex.exit_layer_temperature[k],
-                                        ex.use_dynamic_exit_layer_weight)
+            if loss is not None:
                 out.exit_losses[layer] = loss.detach()
                 terms.append(weights[k] * loss)
 
@@ -218,11 +240,12 @@ class EarlyExitGPTModel(MegatronModule):
         if not self.post_process or skip_final_head:
             out.hidden = hidden
             return self._sum_terms(out, terms)
-        logits = self.final_logits(hidden)
+        logits, loss = self.head_outputs(self.output_layer, self.decoder.final_layernorm(hidden),
+                                         self.final_weight(), labels, loss_mask, 1.0, False,
+                                         return_logits)
         if return_logits:
             out.final_logits = logits
-        if labels is not None:
-            loss = losses.exit_loss(logits, labels, loss_mask, 1.0, False)
+        if loss is not None:
             out.final_loss = loss.detach()
             terms.append(ex.final_layer_weight * loss)
         return self._sum_terms(out, terms)
