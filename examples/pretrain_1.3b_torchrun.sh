@@ -21,18 +21,26 @@
 #                    corpora may be blended as "W1 PREFIX1 W2 PREFIX2 ..."
 #   CKPT_DIR         (required) checkpoint directory: saved to, and resumed from when it holds one
 #   NPROC=8          GPUs (processes) on this node; TP x PP must divide it, DP = NPROC / (TP x PP)
+#   NNODES=1 NODE_RANK=0   several nodes: run the script once per node with the same NNODES,
+#                    RDZV_ENDPOINT=host:port (c10d rendezvous, e.g. on the first node) and
+#                    RDZV_ID; DP = NNODES x NPROC / (TP x PP); ranks are node-major, so a TP
+#                    group (TP <= NPROC) stays inside a node
+#   DEVICE=gpu       cpu: no GPU is used (CUDA_VISIBLE_DEVICES=""), gloo, float32 (no --bf16),
+#                    DIST_OPT defaults to 0; for trying the scripts with tiny shapes via EXTRA_ARGS
 #   TP=1 PP=2        tensor / pipeline model-parallel sizes (SP is turned on when TP > 1)
 #   TOKENIZER=gpt2   gpt2: GPT2BPETokenizer with VOCAB_FILE and MERGE_FILE (vocab.json, merges.txt);
 #                    sentencepiece: SentencePieceTokenizer with TOKENIZER_MODEL (a .model file)
+#                    byte: ByteTokenizer (256 bytes + end of document; no files)
 #   MICRO_BATCH=4 GLOBAL_BATCH=512   sequences per micro-batch / per step (512 x 2048 = 1M tokens)
 #   TRAIN_ITERS=100000 LR=3e-4 MIN_LR=3e-5 WARMUP=2000   cosine schedule after linear warm-up
 #   SAVE_INTERVAL=1000 EVAL_INTERVAL=1000 EVAL_ITERS=20 LOG_INTERVAL=10
 #   LOG_JSON=$CKPT_DIR/train_log.jsonl   --log-json records (plot: tools/plot_training.py)
 #   TENSORBOARD_DIR=  write TensorBoard scalars there too (needs the tensorboard package)
 #   FILL_BUBBLES=0   1: --fill-explicit-bubbles (exit-loss micro-batches in the 1F1B bubbles; PP > 1)
-#   DIST_OPT=1       1: --use-distributed-optimizer (megatron-core's, AdamW state sharded over DP)
+#   DIST_OPT=1       1: --use-distributed-optimizer (megatron-core's, AdamW state sharded over DP;
+#                    GPU only, default 0 with DEVICE=cpu)
 #   RECOMPUTE=       "selective" or "full" activation recomputation (default: none)
-#   TORCHRUN=torchrun  launcher (--standalone: rendezvous on a free local port)
+#   TORCHRUN=torchrun  launcher (--standalone on one node: rendezvous on a free local port)
 #   EXTRA_ARGS=      more pretrain_early_exit_gpt.py flags, appended last (they win)
 #   DRY_RUN=0        1: print the command instead of running it
 set -euo pipefail

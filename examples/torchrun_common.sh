@@ -7,6 +7,11 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${DATA_PATH:?set DATA_PATH to the dataset prefix written by tools/preprocess_data.py}"
 : "${CKPT_DIR:?set CKPT_DIR to the checkpoint directory}"
 NPROC="${NPROC:-8}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+RDZV_ENDPOINT="${RDZV_ENDPOINT:-}"
+RDZV_ID="${RDZV_ID:-ee-pretrain}"
+DEVICE="${DEVICE:-gpu}"
 TOKENIZER="${TOKENIZER:-gpt2}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-512}"
 TRAIN_ITERS="${TRAIN_ITERS:-100000}"
@@ -20,10 +25,16 @@ LOG_INTERVAL="${LOG_INTERVAL:-10}"
 LOG_JSON="${LOG_JSON:-$CKPT_DIR/train_log.jsonl}"
 TENSORBOARD_DIR="${TENSORBOARD_DIR:-}"
 FILL_BUBBLES="${FILL_BUBBLES:-0}"
-DIST_OPT="${DIST_OPT:-1}"
 TORCHRUN="${TORCHRUN:-torchrun}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 DRY_RUN="${DRY_RUN:-0}"
+
+case "$DEVICE" in
+    gpu) PRECISION_ARGS=(--bf16); DIST_OPT="${DIST_OPT:-1}" ;;
+    # no GPU visible: pretrain_early_exit_gpt.py then runs on CPU with gloo, in float32
+    cpu) PRECISION_ARGS=(); DIST_OPT="${DIST_OPT:-0}"; export CUDA_VISIBLE_DEVICES="" ;;
+    *) echo "DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2 ;;
+esac
 
 case "$TOKENIZER" in
     gpt2)
@@ -33,8 +44,10 @@ case "$TOKENIZER" in
     sentencepiece)
         : "${TOKENIZER_MODEL:?TOKENIZER=sentencepiece needs TOKENIZER_MODEL (a SentencePiece .model)}"
         TOKENIZER_ARGS=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL") ;;
+    byte)
+        TOKENIZER_ARGS=(--tokenizer-type ByteTokenizer) ;;
     *)
-        echo "TOKENIZER must be gpt2 or sentencepiece, got '$TOKENIZER'" >&2; exit 2 ;;
+        echo "TOKENIZER must be gpt2, sentencepiece or byte, got '$TOKENIZER'" >&2; exit 2 ;;
 esac
 
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
@@ -45,7 +58,7 @@ TRAIN_ARGS=(
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
     --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP"
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0
-    --bf16 --seed 1234
+    "${PRECISION_ARGS[@]}" --seed 1234
 )
 if [[ "$DIST_OPT" == 1 ]]; then TRAIN_ARGS+=(--use-distributed-optimizer); fi
 # shellcheck disable=SC2206  # DATA_PATH may be a weighted list: split it into words
@@ -57,12 +70,21 @@ RUN_ARGS=(
 )
 if [[ -n "$TENSORBOARD_DIR" ]]; then RUN_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
 
+if (( NNODES > 1 )); then   # one torchrun per node, all meeting at RDZV_ENDPOINT (c10d)
+    : "${RDZV_ENDPOINT:?NNODES > 1 needs RDZV_ENDPOINT=host:port (reachable from every node)}"
+    LAUNCH_ARGS=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d
+                 --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" --max-restarts 0)
+else
+    LAUNCH_ARGS=(--standalone)
+fi
+
 # shellcheck disable=SC2206  # EXTRA_ARGS is a flag list
-CMD=("$TORCHRUN" --standalone --nproc-per-node "$NPROC"
+CMD=("$TORCHRUN" "${LAUNCH_ARGS[@]}" --nproc-per-node "$NPROC"
      "$REPO/pretrain_early_exit_gpt.py" "${MODEL_ARGS[@]}" "${EXIT_ARGS[@]}" "${PARALLEL_ARGS[@]}"
      "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" "${RUN_ARGS[@]}" $EXTRA_ARGS)
 
 if [[ "$DRY_RUN" == 1 ]]; then
+    if [[ "$DEVICE" == cpu ]]; then printf 'CUDA_VISIBLE_DEVICES= '; fi
     printf '%q ' "${CMD[@]}"; echo
     exit 0
 fi

@@ -1,7 +1,8 @@
 """pretrain_early_exit_gpt.py end to end on CPU, through its command line.
 
-- a run killed with SIGKILL mid-training and resumed from its last checkpoint logs exactly the
-  losses of an uninterrupted run (--log-json, every iteration);
+- a run killed with SIGKILL mid-training (its exit status shows the kill) and resumed from its
+  last checkpoint (its first logged iteration follows that checkpoint) logs exactly the losses
+  of an uninterrupted run (--log-json, every iteration);
 - runs with different layouts (single process, torchrun TP=2, torchrun PP=2) and the same seed
   log the same losses (float64, within 1e-5).
 """
@@ -79,10 +80,18 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(corpus, tmp_path):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (ckpt / "latest_checkpointed_iteration.txt").exists(), "no checkpoint before the kill"
+    assert proc.wait() == -signal.SIGKILL, "the run ended on its own before it could be killed"
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    assert tracker.exists(), "no checkpoint before the kill"
+    saved_at = int(tracker.read_text())
+    logged_before = len(log.read_text().splitlines())
+    assert 0 < saved_at < iters
     done = subprocess.run(launch(args), env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [json.loads(line) for line in log.read_text().splitlines()[logged_before:]]
+    resumed = [rec["iteration"] for rec in resumed if rec.get("kind") != "eval"]
+    # the second run resumed from the checkpoint the first one left (not from scratch, not done)
+    assert resumed[0] == saved_at + 1 < iters, (saved_at, resumed)
     ref, got = read_log(ref_log), read_log(log)
     assert sorted(ref) == sorted(got) == list(range(1, iters + 1))
     for it in ref:

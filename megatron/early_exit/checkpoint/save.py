@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.early_exit.checkpoint import format as fmt
+from megatron.early_exit.checkpoint.cleanup import remove_stale_saves
 from megatron.early_exit.checkpoint.rng import capture_rng_state
 from megatron.early_exit.checkpoint.tensors import (local_params, model_payload, optimizer_payload,
                                                     saved_optimizer_states,
@@ -218,4 +219,6 @@ def save_checkpoint(save_dir: str, setup, args: Optional[dict] = None, extra: Op
     status, value = broadcast_object(outcome)
     if status != "ok":
         raise fmt.CheckpointError(f"checkpoint at iteration {setup.iteration} not saved: {value}")
+    if global_rank() == 0:  # committed: what interrupted saves left behind can go
+        remove_stale_saves(save_dir)
     return value
