@@ -21,16 +21,17 @@ they are put back together with model/sharding.py's ``unshard``. EE-LLM's ``--us
 is refused: its exit MLP is a second MLP of the exit layer (``mlp.trunk`` / ``mlp.branch``,
 both reading the layer's post-attention norm), a different function from our residual exit MLP
 on the layer output. Old spellings (``input_layernorm``, ``final_layernorm``) are accepted.
-Files are read with ``torch.load(weights_only=True)`` allowing argparse.Namespace and
-megatron-core's enums; ``trust_pickle`` unpickles anything (only for files you trust).
+Files are read with ``torch.load(weights_only=True)`` allowing the pickled argparse.Namespace
+(read as ``SavedArgs``) and megatron-core's enums; ``trust_pickle`` unpickles anything (only
+for files you trust).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import tempfile
+import types
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -95,13 +96,17 @@ def shard_paths(it_dir: str) -> Dict[Tuple[int, int], str]:
     return out
 
 
+class SavedArgs(types.SimpleNamespace):
+    """What Megatron's pickled ``argparse.Namespace`` of run arguments unpickles to here."""
+
+
 def load_shard(path: str, trust_pickle: bool = False) -> dict:
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     from megatron.core.enums import ModelType
 
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, ModelType]):
+        with torch.serialization.safe_globals([(SavedArgs, "argparse.Namespace"), ModelType]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - names the file and the way out
         raise fmt.CheckpointError(f"cannot read {path} with weights_only=True ({e}); if you trust "
