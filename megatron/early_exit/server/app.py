@@ -37,7 +37,8 @@ from megatron.early_exit.server import results
 from megatron.early_exit.server.guard import Guard, error_body
 from megatron.early_exit.server.metrics import ServerMetrics
 from megatron.early_exit.server.protocol import (ProtocolError, ServerDefaults, build_requests,
-                                                 parse_api, parse_chat, parse_completions)
+                                                 front_field, parse_api, parse_chat,
+                                                 parse_completions)
 from megatron.early_exit.server.service import ServerFault
 
 __all__ = ["ServerConfig", "create_app"]
@@ -126,13 +127,14 @@ def _error(status: int, message: str, param: Optional[str] = None) -> JSONRespon
     return JSONResponse(error_body(status, message, param), status_code=status)
 
 
-def _map_exception(e: BaseException) -> JSONResponse:
+def _map_exception(e: BaseException, job=None) -> JSONResponse:
     if isinstance(e, ProtocolError):
         return _error(e.status, e.message, e.field)
     if isinstance(e, QueueFull):
         return _error(429, f"the server is busy: {e}; retry later")
-    if isinstance(e, RequestError):
-        return _error(400, e.message, e.field)
+    if isinstance(e, RequestError):  # refused by the Scheduler (e.g. its cached-token budget)
+        name = front_field(job.kind, e.field, job.mode) if job is not None else e.field
+        return _error(400, e.message, name)
     if isinstance(e, ServerFault):
         log.error("server fault: %s", e)
         return _error(500, str(e))
@@ -177,7 +179,7 @@ class _Handlers:
                     first = time.monotonic()
                     self.metrics.first_token(first - start)
         except (QueueFull, RequestError, ServerFault) as e:
-            resp = _map_exception(e)
+            resp = _map_exception(e, job)
             self.metrics.request(endpoint, resp.status_code)
             return resp
         if not flight.done:  # the client went away
@@ -222,7 +224,7 @@ class _Handlers:
                             "created": created, "model": self.model, "choices": [],
                             "usage": results.usage(flight.choices, [len(r.prompt) for r in reqs])})
         except (QueueFull, RequestError, ServerFault) as e:
-            resp = _map_exception(e)
+            resp = _map_exception(e, job)
             yield b"data: " + resp.body + b"\n\n"
         finally:
             flight.cancel()  # no-op unless the client left mid-stream (or an error)

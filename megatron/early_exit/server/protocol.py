@@ -99,7 +99,32 @@ def parse_json(body: bytes) -> dict:
         raise ProtocolError("body", f"is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(obj).__name__}")
+    try:
+        where = _surrogate(obj, "")
+    except RecursionError:
+        raise ProtocolError("body", "is nested too deeply") from None
+    if where is not None:
+        raise ProtocolError(where or "body", "holds a lone UTF-16 surrogate (not a character)")
     return obj
+
+
+def _surrogate(obj, path: str) -> Optional[str]:
+    """The path of the first string holding a lone surrogate (json.loads lets them through)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and _surrogate(key, path) is not None:
+            return path or "body"
+        sub = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        found = _surrogate(value, sub.lstrip("."))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_known(body: dict, known) -> None:
@@ -402,6 +427,13 @@ def _field_names(kind: str) -> Dict[str, str]:
             "sampling": "temperature"}
 
 
+def front_field(kind: str, name: str, mode=None) -> str:
+    """A GenerationRequest field name (RequestError.field) in the terms of front end ``kind``."""
+    if name == "mode":
+        return _mode_field(mode)
+    return _field_names(kind).get(name, name)
+
+
 def _mode_field(mode) -> str:
     if isinstance(mode, SelfSpeculative):
         return "self_speculative"
@@ -412,8 +444,7 @@ def build_requests(job: Job, tokenizer, cfg, chat_template=None,
                    pipeline: bool = False) -> List[GenerationRequest]:
     """One validated GenerationRequest per (prompt, choice), in choice order (prompt-major).
     ``chat_template``: an object with ``render(messages) -> str`` (chat jobs need one)."""
-    names = _field_names(job.kind)
-    prompt_field = names["prompt"]
+    prompt_field = front_field(job.kind, "prompt")
     texts = job.prompts
     if job.kind == "chat":
         if chat_template is None:
@@ -443,7 +474,6 @@ def build_requests(job: Job, tokenizer, cfg, chat_template=None,
             try:
                 validate_request(req, cfg, pipeline=pipeline)
             except RequestError as e:
-                name = names.get(e.field, _mode_field(job.mode) if e.field == "mode" else e.field)
-                raise ProtocolError(name, e.message) from None
+                raise ProtocolError(front_field(job.kind, e.field, job.mode), e.message) from None
             reqs.append(req)
     return reqs

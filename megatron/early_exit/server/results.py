@@ -49,6 +49,7 @@ class Choice:
         """Per-token (delta, token, exit layer, confidence, logprob) of one RequestUpdate; on
         the finished update the remaining text joins the last entry (or one empty-token entry)."""
         out = []
+        limit = update.text_len if update.finished else None  # a stop string cut the text
         lps = update.logprobs or [None] * len(update.tokens)
         for tok, layer, conf, lp in zip(update.tokens, update.exit_layers, update.confidences, lps):
             self.tokens.append(tok)
@@ -56,7 +57,7 @@ class Choice:
             self.confidences.append(float(conf))
             if lp is not None:
                 self.logprobs.append(float(lp))
-            out.append([self._advance(), tok, layer, float(conf), lp])
+            out.append([self._advance(limit), tok, layer, float(conf), lp])
         if update.finished:
             self.finish(update.finish_reason, update.text_len, out)
         return out
@@ -76,9 +77,9 @@ class Choice:
                 out.append([rest, None, None, None, None])
         return rest
 
-    def _advance(self) -> str:
+    def _advance(self, limit: Optional[int] = None) -> str:
         full = self.detokenize(self.tokens)
-        safe = len(full) - self.holdback
+        safe = len(full) - self.holdback if limit is None else min(len(full), limit)
         while safe > 0 and full[safe - 1] == _REPLACEMENT:
             safe -= 1
         if safe <= len(self.text) or not full.startswith(self.text):

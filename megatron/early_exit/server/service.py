@@ -101,9 +101,9 @@ class GenerationService:
     """Owns the Scheduler on its own thread; see the module docstring."""
 
     def __init__(self, scheduler, control: Optional[ControlGroup] = None, heartbeat_s: float = 1.0,
-                 max_queue: int = 64, on_step: Optional[Callable] = None):
+                 max_queue: int = 64, max_rows: int = 8, on_step: Optional[Callable] = None):
         self.scheduler, self.control, self.heartbeat_s = scheduler, control, heartbeat_s
-        self.max_queue = max_queue
+        self.max_queue, self.max_rows = max_queue, max_rows
         self.on_step = on_step  # called on the loop thread after each step: (updates, seconds)
         self._lock = threading.Condition()
         self._adds: deque = deque()
@@ -132,11 +132,13 @@ class GenerationService:
 
     def submit(self, request, sink: Callable) -> str:
         """Queue ``request`` (already validated); returns its id. Raises QueueFull at once when
-        the waiting queue is full, ServerFault when the loop is not running."""
+        every row is taken and the waiting queue is full (else the Scheduler's ``add`` decides at
+        the next step and the sink gets its QueueFull), ServerFault when the loop is not running."""
         with self._lock:
             if self._stopping or not self.alive:
                 raise ServerFault("the engine loop is not running")
-            if len(self._adds) + self.num_waiting >= self.max_queue:
+            queued = len(self._adds) + self.num_waiting + self.num_running
+            if queued >= self.max_queue + self.max_rows:  # the Scheduler's own check is exact
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests")
             rid = f"req-{self._next_id}"
             self._next_id += 1
