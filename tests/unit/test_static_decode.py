@@ -8,6 +8,7 @@ Run: ``python -m pytest -q tests/unit/test_static_decode.py``.
 import pytest
 import torch
 
+from megatron.early_exit.inference.early_exit import DepthRunner
 from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.inference.static_early_exit import StaticRunner
 from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
@@ -53,7 +54,7 @@ def test_static_step_is_not_used_when_exits_can_fire(single_rank_parallel):
     engine = Engine(model, cfg, fast_decode="static")
     prompts = random_prompts(torch.Generator().manual_seed(13), 2, cfg.model.vocab_size, 2, 8)
     sess = engine.session(prompts, 4, mode=EarlyExit(threshold=0.5))
-    assert sess.static is None and not isinstance(sess.runner, StaticRunner)  # batch 2
+    assert isinstance(sess.runner, DepthRunner)  # batch 2 with exits: the general pass
     with pytest.raises(ValueError, match="fast_decode"):
         Engine(model, cfg, fast_decode="graph")
     with pytest.raises(ValueError, match="CUDA"):

@@ -197,7 +197,10 @@ class Engine:
                 detokenize: Optional[Callable[[List[int]], str]] = None) -> "Session":
         """A session owning a cache sized for these prompts, with row i = prompt i
         (use ``with session.attached(): session.step()``)."""
-        requests = self.requests(prompts, max_new_tokens, sampling, stop, mode)
+        return self._session(self.requests(prompts, max_new_tokens, sampling, stop, mode), mode,
+                             detokenize)
+
+    def _session(self, requests: List[GenerationRequest], mode, detokenize) -> "Session":
         max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
         sess = Session(self, self.cache_for(len(requests), max_len), mode, detokenize,
                        exclusive=True)
@@ -238,13 +241,13 @@ class Engine:
                  mode=FullDepth(), detokenize=None) -> List[GenerationOutput]:
         """Generate for every prompt; one GenerationOutput per prompt, in order. Collective at
         PP > 1 (every rank calls it with the same arguments and returns the same outputs)."""
+        requests = self.requests(prompts, max_new_tokens, sampling, stop, mode)  # every rank
         if not self.drives:
-            self.requests(prompts, max_new_tokens, sampling, stop, mode)  # same errors everywhere
             self.serve()
             outputs = None
         else:
             try:
-                sess = self.session(prompts, max_new_tokens, sampling, stop, mode, detokenize)
+                sess = self._session(requests, mode, detokenize)
                 with sess.attached():
                     while not sess.done:
                         sess.step()
