@@ -3,8 +3,9 @@
 ``StaticDecodeStep`` (static_decode.py) runs each megatron-core ``TransformerLayer`` for one
 token per KV-cache row. On CPU at batch 1 much of that step is not the matrix products but the
 per-op overhead of megatron-core's layer wrappers (autograd-function linears, region copies,
-viewless-tensor wrapping). ``FusedDecoder`` computes the same function, reading the megatron-core
-modules' own weight tensors (no copies, so it always sees the current weights), per layer:
+viewless-tensor wrapping). ``FusedDecoder`` computes the same function on the megatron-core
+modules' own weight tensors (held by reference, not copied: in-place updates such as
+``load_state_dict`` are seen; a module given a new Parameter object needs a new decoder), per layer:
 
     h = norm(x)                                       F.rms_norm / F.layer_norm
     qkv = F.linear(h, W_qkv, b_qkv)                   [B, ng, q_per_group + 2, hn] (megatron's layout)
