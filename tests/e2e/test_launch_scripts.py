@@ -73,7 +73,8 @@ def free_port() -> int:
     return random.randint(20000, 40000)
 
 
-def require_slurm() -> None:
+@pytest.fixture(scope="module")
+def slurm():
     """Skip (or fail, under EE_TEST_REQUIRE_SLURM=1) unless a Slurm cluster answers here."""
     def missing(reason):
         if os.environ.get("EE_TEST_REQUIRE_SLURM") == "1":
@@ -93,8 +94,7 @@ def require_slurm() -> None:
 
 
 @pytest.mark.slow
-def test_sbatch_example_on_a_local_slurm_cluster(corpus, tmp_path):  # noqa: F811
-    require_slurm()
+def test_sbatch_example_on_a_local_slurm_cluster(slurm, corpus, tmp_path):  # noqa: F811
     common = dict(MODEL="1.3b", GPUS_PER_NODE=2)
     ref = reference_losses("examples/slurm_multinode.sbatch", corpus, tmp_path / "ref",
                            GPUS_PER_NODE=1, MODEL="1.3b")
