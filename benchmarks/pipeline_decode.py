@@ -8,6 +8,7 @@ This benchmark runs the same prompts at threshold 1.0 (no exit ever fires: stage
 token, the synchronous baseline) and at thresholds where exits fire, and prints tokens/s and the
 share of tokens decided on stage 0. The weights are random, so the threshold is the knob; the
 tokens differ between thresholds, the work per token does not (every token runs every layer).
+The prompts are decoded as one batch (rows exit independently).
 
     PYTHONPATH=. python benchmarks/pipeline_decode.py            # spawns 2 gloo ranks (CPU)
     PYTHONPATH=. python benchmarks/pipeline_decode.py --pp 4 --layers 8
@@ -37,7 +38,7 @@ def parse_args():
 def _worker(rank, world, args):
     from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig, ParallelConfig
     from megatron.early_exit.inference.modes import EarlyExit
-    from megatron.early_exit.inference.pipeline_engine import PipelineEngine
+    from megatron.early_exit.inference.engine import Engine
     from megatron.early_exit.parallel.state import build_model, initialize_parallel
 
     m = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
@@ -46,7 +47,7 @@ def _worker(rank, world, args):
                              parallel=ParallelConfig(pipeline_model_parallel_size=args.pp,
                                                      world_size=world), seed=3)
     ctx = initialize_parallel(cfg, torch.device("cpu"))
-    engine = PipelineEngine(build_model(cfg, ctx), cfg, ctx)
+    engine = Engine(build_model(cfg, ctx), cfg, ctx=ctx)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (12,), generator=gen).tolist() for _ in range(args.prompts)]
     engine.generate(prompts[:1], 4)  # warm-up

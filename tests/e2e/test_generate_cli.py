@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from tests.distributed_harness import free_port
+
 from tests.e2e.test_pretrain_cli import ENV, ROOT, corpus, launch, train_args  # noqa: F401
 
 
@@ -62,5 +64,33 @@ def test_generate_cli_json_and_modes(checkpoint, capsys, single_rank_parallel):
     assert want[0].tokens == tau["tokens"] and want[0].exit_layers == tau["exit_layers"]
     destroy_parallel()
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--fast-decode cuda_graph needs a CUDA device"):
+        with pytest.raises(ValueError, match="--fast-decode: cuda_graph needs a CUDA device"):
             tool.main(base + ["--no-early-exit", "--fast-decode", "cuda_graph"])
+
+
+def _torchrun(checkpoint, layout_flag, extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), str(ROOT / "tools/generate.py"), "--load", checkpoint,
+           "--device", "cpu", layout_flag, "2"] + extra
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_generate_under_torchrun_prints_what_one_process_prints(checkpoint, capsys,
+                                                                 single_rank_parallel):
+    """TP = 2 and PP = 2 (pipeline-based early exit) against the single process, two prompts
+    (one batch), early exit with margin-free max-prob confidence and seeded sampling."""
+    from megatron.early_exit.parallel.state import destroy_parallel
+
+    extra = ["--prompt", "ROMEO:", "--tokens-to-generate", "10", "--early-exit-thres", "0.3",
+             "--temperature", "0.8", "--seed", "7", "--json"]
+    tool = _generate_module()
+    capsys.readouterr()
+    tool.main(["--load", checkpoint, "--device", "cpu"] + extra)
+    destroy_parallel()
+    want = capsys.readouterr().out
+    assert want.strip()
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
+        assert _torchrun(checkpoint, flag, extra) == want, flag
+

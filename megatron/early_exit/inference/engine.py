@@ -210,7 +210,7 @@ class Engine:
 
     def requests(self, prompts, max_new_tokens, sampling=GREEDY, stop=None,
                  mode=FullDepth()) -> List[GenerationRequest]:
-        """Validated requests (ValueError naming the field; the same on every rank)."""
+        """Validated requests (RequestError naming the field; the same on every rank)."""
         if not prompts:
             raise ValueError("prompts must hold at least one prompt")
         params = _row_params(sampling, len(prompts))
@@ -225,7 +225,8 @@ class Engine:
             try:
                 validate_request(req, self.cfg, pipeline=self.pipelined)
             except RequestError as e:
-                raise ValueError(f"prompt {i}: {e}" if e.field == "prompt" else str(e)) from None
+                where = f" (prompt {i})" if e.field == "prompt" else ""
+                raise RequestError(e.field, e.message + where) from None
             out.append(req)
         return out
 
