@@ -6,6 +6,11 @@ TP shards with ``model/sharding.shard`` and writes the per-(tp, pp) files in the
 as ``save_checkpoint``, committed atomically. RNG states are not carried (the layout changes).
 Used by ``tools/checkpoint_reshard.py``.
 
+The vocabulary-sized tensors (word embedding, output layers) have padded rows beyond the
+tokenizer's ids (``--make-vocab-size-divisible-by`` x TP). When the target layout pads
+differently (``target_vocab_size``), ``repad_vocab`` adds zero rows or drops padded ones; a real
+row is never cut. The padded rows never enter a softmax, so the model's function is unchanged.
+
     path = reshard_checkpoint("ckpt/tp2pp2", "ckpt/tp1pp1", tp=1, pp=1)
 """
 
@@ -27,6 +32,8 @@ from megatron.early_exit.model.sharding import ShardSpec, shard
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXIT = re.compile(r"^exits\.(\d+)\.")
+# tensors with one row per vocabulary id (row 0 of the full tensor is id 0)
+_VOCAB_ROWS = re.compile(r"^(embedding\.word_embeddings|output_layer|exits\.\d+\.output_layer)\.weight$")
 
 
 def target_config(config: dict, tp: int, pp: int) -> dict:
@@ -39,6 +46,48 @@ def target_config(config: dict, tp: int, pp: int) -> dict:
         par["sequence_parallel"] = False
     config_from_dict(new)  # raises ConfigError naming the flag if the layout does not fit
     return new
+
+
+def target_vocab_size(meta: dict, tp: int) -> int:
+    """The padded vocabulary at TP=``tp``: the tokenizer's ids padded to a multiple of the saving
+    run's ``--make-vocab-size-divisible-by`` x ``tp`` (as pretraining would pad them), or, when
+    the checkpoint does not record the divisor, the saved size if ``tp`` divides it. A checkpoint
+    without ``tokenizer_vocab_size`` keeps its size (all its rows may be tokens)."""
+    model = meta["config"]["model"]
+    vocab, tokens = model["vocab_size"], model.get("tokenizer_vocab_size")
+    if tokens is None:
+        return vocab
+    divisor = (meta.get("args") or {}).get("make_vocab_size_divisible_by")
+    if divisor is None and vocab % tp == 0:
+        return vocab
+    multiple = (divisor or 1) * tp
+    return -(-tokens // multiple) * multiple
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[0] >= n:
+        return t[:n].clone()
+    return torch.cat([t, t.new_zeros((n - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+def repad_vocab(config: dict, index: dict, tensors: Dict[str, torch.Tensor], optim: Optional[dict],
+                vocab_size: int) -> None:
+    """Give every vocabulary-sized tensor (and its optimizer state) ``vocab_size`` rows, in
+    place: zero rows are added, or padded rows dropped; ``config`` and ``index`` follow."""
+    model = config["model"]
+    tokens = model.get("tokenizer_vocab_size") or model["vocab_size"]
+    if vocab_size < tokens:
+        raise fmt.CheckpointError(f"a padded vocabulary of {vocab_size} rows would cut real token "
+                                  f"rows: the tokenizer has {tokens} ids")
+    if vocab_size == model["vocab_size"]:
+        return
+    for name in [n for n in tensors if _VOCAB_ROWS.match(n)]:
+        tensors[name] = _rows(tensors[name], vocab_size)
+        index[name] = dict(index[name], shape=list(tensors[name].shape))
+        if optim is not None and name in optim:
+            optim[name] = {k: _rows(v, vocab_size) if torch.is_tensor(v) and v.dim() else v
+                           for k, v in optim[name].items()}
+    model["vocab_size"] = vocab_size
 
 
 def stage_of(name: str, cfg) -> int:
@@ -82,19 +131,25 @@ def _write_stage(tmp: str, t: int, p: int, tp: int, pp: int, names, index, tenso
 
 
 def reshard_checkpoint(load_dir: str, save_dir: str, tp: int, pp: int,
-                       iteration: Optional[int] = None, with_optimizer: bool = True) -> str:
+                       iteration: Optional[int] = None, with_optimizer: bool = True,
+                       vocab_size: Optional[int] = None) -> str:
     """Write the checkpoint in ``load_dir`` to ``save_dir`` at TP=``tp``, PP=``pp``; returns
-    the committed iteration directory. ``with_optimizer`` needs optimizer state in the source."""
+    the committed iteration directory. ``with_optimizer`` needs optimizer state in the source.
+    ``vocab_size``: the padded vocabulary to write (default ``target_vocab_size``)."""
     src_dir, meta, reader = open_checkpoint(load_dir, iteration)
     with_optimizer = with_optimizer and meta["has_optimizer"]
-    config = target_config(meta["config"], tp, pp)
-    cfg = config_from_dict(config)
-    index = {n: dict(e, pp_rank=stage_of(n, cfg)) for n, e in meta["tensors"].items()}
+    index = {n: dict(e) for n, e in meta["tensors"].items()}
     tensors = {n: reader.tensor(n) for n in index}
     optim, groups = None, None
     if with_optimizer:
         optim = {n: reader.state(n) for n in index if reader.has_state(n)}
         groups = reader.open(fmt.optim_file(0, 0))["param_groups"]
+    config = copy.deepcopy(meta["config"])
+    repad_vocab(config, index, tensors, optim, vocab_size or target_vocab_size(meta, tp))
+    config = target_config(config, tp, pp)
+    cfg = config_from_dict(config)
+    for name, entry in index.items():
+        entry["pp_rank"] = stage_of(name, cfg)
     tok = [os.path.join(src_dir, rel) for rel in meta["tokenizer_files"]]
     return write_whole_checkpoint(save_dir, dict(meta, config=config, tensors=index), tensors,
                                   tok, optim, groups)
