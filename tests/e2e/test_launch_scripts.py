@@ -16,9 +16,9 @@ skipped without them, unless EE_TEST_REQUIRE_SLURM=1 (set by .ci/run), which mak
 """
 
 import os
-import random
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -70,7 +70,9 @@ def assert_same_losses(got: dict, ref: dict) -> None:
 
 
 def free_port() -> int:
-    return random.randint(20000, 40000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
