@@ -23,19 +23,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def prepare_data(workdir: Path) -> str:
-    from megatron.early_exit.data import jsonl, preprocess
+    from megatron.early_exit.data.jsonl import shakespeare_documents, write_jsonl
+    from megatron.early_exit.data.preprocess import PreprocessConfig, preprocess
 
     prefix = workdir / "shakespeare"
     if not Path(f"{prefix}_text_document.idx").exists():
-        jsonl.main(["--output", str(workdir / "shakespeare.jsonl"), "--unit", "paragraph"])
-        preprocess.main(["--input", str(workdir / "shakespeare.jsonl"), "--json-keys", "text",
-                         "--output-prefix", str(prefix), "--tokenizer-type", "ByteTokenizer",
-                         "--append-eod", "--workers", "2"])
+        write_jsonl(shakespeare_documents(unit="paragraph"), str(workdir / "shakespeare.jsonl"))
+        preprocess(PreprocessConfig(input=str(workdir / "shakespeare.jsonl"), output_prefix=str(prefix),
+                                    tokenizer_type="ByteTokenizer", append_eod=True, workers=2))
     return f"{prefix}_text_document"
 
 
 def train(workdir: Path, data: str, iters: int) -> str:
-    from megatron.early_exit.trainer.pretrain import main as pretrain
+    import runpy
+
+    pretrain = runpy.run_path(str(ROOT / "pretrain_early_exit_gpt.py"))["main"]  # flags -> training
 
     ckpt = workdir / "checkpoint"
     argv = ["--num-layers", "6", "--hidden-size", "128", "--num-attention-heads", "4",

@@ -110,7 +110,7 @@ def reference_logits(sd: Dict[str, torch.Tensor], cfg, input_ids):
 
 def reference_losses(sd, cfg, input_ids, labels, loss_mask: Optional[torch.Tensor] = None,
                      exit_weights=None):
-    """(total loss, {exit layer: loss}, final LM loss): the objective of DESIGN.md §3."""
+    """(total loss, {exit layer: loss}, final LM loss): the weighted objective of docs/training.md."""
     ex = cfg.exits
     weights = exit_weights if exit_weights is not None else ex.exit_layer_weight
     exit_logits, final_logits = reference_logits(sd, cfg, input_ids)

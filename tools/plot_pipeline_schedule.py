@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.early_exit.cli import UsageError, check_requires, flag_name, given, run_cli  # noqa: E402
 from megatron.early_exit.parallel.schedule_plan import fill_depths  # noqa: E402
 from megatron.early_exit.parallel.schedule_timeline import (  # noqa: E402
     Timeline,
@@ -59,6 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pp and --microbatches are required unless --measured is given")
     if args.fill_explicit_bubbles and args.last_exit_stage is None:
         p.error("--fill-explicit-bubbles needs --last-exit-stage")
+    check_requires(args, [("num_fill_microbatches", "fill_explicit_bubbles"),
+                          ("last_exit_stage", "fill_explicit_bubbles")])
+    if args.measured:
+        for dest in ("pp", "microbatches", "fill_explicit_bubbles"):
+            if given(args, dest):
+                raise UsageError(flag_name(dest), "is not used with --measured (the records give the schedule)")
+        if not os.path.isfile(args.measured):
+            raise UsageError("--measured", f"{args.measured} does not exist")
     return args
 
 
@@ -126,4 +135,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -12,7 +12,8 @@ records as markers joined by dashed lines, in the same colour as the head they b
 iteration appears more than once (a resumed run appends to the same file and logs again from its
 checkpoint) the last record wins. A final loss that is 0 at every point (``--tune-exit`` runs
 skip the final head) is not drawn. matplotlib is needed (imported only once the log has been
-read); a missing, empty or malformed log is reported with the file and line and exit status 1.
+read); a missing, empty or malformed log is reported in one line ``error: LOG: <file>:<line>: ...``
+with exit status 2 (megatron/early_exit/cli.py; ``--debug``: the traceback).
 
 Tests: ``python -m pytest -q tests/unit/test_plot_training.py``.
 """
@@ -24,6 +25,10 @@ import json
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.early_exit.cli import UsageError, run_cli  # noqa: E402
 
 FINAL = "final"
 
@@ -165,14 +170,13 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         train, evals = read_log(a.log)
-        if not a.eval:
-            evals = []
-        if not train and not evals:
-            hint = " (it has evaluation records only: add --eval)" if not a.eval else ""
-            raise LogError(f"{a.log}: no training records to plot{hint}")
     except LogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError("LOG", str(e)) from e
+    if not a.eval:
+        evals = []
+    if not train and not evals:
+        hint = " (it has evaluation records only: add --eval)" if not a.eval else ""
+        raise UsageError("LOG", f"{a.log}: no training records to plot{hint}")
     if a.eval and not evals:
         print(f"note: {a.log} has no evaluation records (--eval-interval / --eval-iters)",
               file=sys.stderr)
@@ -190,4 +194,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

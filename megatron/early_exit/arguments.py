@@ -1,10 +1,12 @@
 """The one argparse parser (Megatron / EE-LLM flag names) and its translation into configs.
 
-    args = parse_args(["--num-layers", "4", ...])
+    args = parse_args(["--num-layers", "4", ...])      # + check_args(args): ignored flags
+    args = with_checkpoint_args(args, meta)            # --use-checkpoint-args (a new Namespace)
     configs = configs_from_args(args, world_size=4, vocab_size=tokenizer_vocab)
 
 Only this module and entry scripts touch argparse; the rest of the code takes dataclass configs
-(config.py), which validate themselves with messages naming these flags.
+(config.py), which validate themselves with messages naming these flags. ``check_args`` refuses
+flags that would be silently ignored (e.g. ``--use-exit-norm`` without ``--exit-layer-nums``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from typing import List, Optional
+
+from megatron.early_exit.cli import UsageError, check_requires
 
 from megatron.early_exit.config import (ConfigError, EarlyExitGPTConfig, ExitConfig, ModelConfig, ParallelConfig,
                                         RunConfig, ScheduleConfig, TrainConfig)
@@ -75,6 +79,9 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
                    help="Layers per virtual stage (interleaved 1F1B).")
     g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="Activation recomputation (full: per layer; selective: core attention).")
+    g.add_argument("--cross-entropy-chunk-size", type=int, default=4096,
+                   help="Tokens per chunk of every head's output projection fused with its cross "
+                        "entropy (no [s, b, V/tp] logits kept for backward); 0: materialised logits.")
     g.add_argument("--fill-explicit-bubbles", action="store_true",
                    help="Fill pipeline bubbles with partial micro-batches' exit losses.")
     g.add_argument("--num-fill-warmup-microbatches", type=int, help="Partial micro-batches in warm-up.")
@@ -150,11 +157,59 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for add in (_model_args, _exit_args, _parallel_args, _training_args, _run_args):
         add(p)
+    p.add_argument("--debug", action="store_true",
+                   help="Show the traceback of input errors too (cli.run_cli reads it).")
     return p
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+# flags that do nothing without their partner (argparse dests)
+_EXIT_FLAGS = ("pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights",
+               "exit_layer_temperature", "exit_layer_weight", "exit_layer_weight_init",
+               "use_dynamic_exit_layer_weight")
+REQUIRES = ([(flag, "exit_layer_nums") for flag in _EXIT_FLAGS]
+            + [("num_fill_warmup_microbatches", "fill_explicit_bubbles"),
+               ("num_fill_cooldown_microbatches", "fill_explicit_bubbles"),
+               ("load_iteration", "load"), ("use_checkpoint_args", "load")])
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Refuse flags that this run would silently ignore (UsageError naming the flag)."""
+    check_requires(a, REQUIRES)
+    if a.exit_layer_weight_warmup_iters and not a.exit_layer_nums:
+        raise UsageError("--exit-layer-weight-warmup-iters", "has no effect without --exit-layer-nums")
+    if a.fill_explicit_bubbles and a.pipeline_model_parallel_size == 1:
+        raise UsageError("--fill-explicit-bubbles", "fills pipeline bubbles, so it needs "
+                         "--pipeline-model-parallel-size > 1")
+
+
+# checkpoint config field -> argparse dest, for --use-checkpoint-args
+_MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "seq_length", "max_position_embeddings", "architecture", "normalization", "swiglu",
+                 "position_embedding_type", "untie_embeddings_and_output_weights", "rotary_base",
+                 "norm_epsilon")
+_EXIT_FIELDS = ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
+                "untie_exit_output_weights")
+_RUN_FIELDS = ("tokenizer_type", "make_vocab_size_divisible_by")
+
+
+def with_checkpoint_args(a: argparse.Namespace, meta: dict) -> argparse.Namespace:
+    """--use-checkpoint-args: a copy of ``a`` whose model-defining flags (shape, architecture,
+    exit structure, tokenizer type) are the checkpoint's saved config (``meta`` from
+    checkpoint.load.read_checkpoint_metadata); the other flags stay as given."""
+    model, exits = meta["config"]["model"], meta["config"].get("exits", {})
+    values = {f: model[f] for f in _MODEL_FIELDS if f in model}
+    values.update({f: exits[f] for f in _EXIT_FIELDS if f in exits})
+    run = meta.get("args") or {}  # the saving run's RunConfig
+    values.update({f: run[f] for f in _RUN_FIELDS if f in run})
+    if "add_bias_linear" in model:
+        values["disable_bias_linear"] = not model["add_bias_linear"]
+    if model.get("init_num_layers"):
+        values["num_layers"] = model["init_num_layers"]
+    return argparse.Namespace(**{**vars(a), **values})
 
 
 @dataclass
@@ -191,8 +246,20 @@ def tuning_truncation(a: argparse.Namespace) -> tuple:
     return kept, k
 
 
-def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -> Configs:
-    """Translate parsed flags into validated configs; ``vocab_size`` is already padded."""
+def run_config_from_args(a: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        data_path=a.data_path, split=a.split, tokenizer_type=a.tokenizer_type,
+        tokenizer_model=a.tokenizer_model, vocab_file=a.vocab_file, merge_file=a.merge_file,
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, save=a.save, load=a.load,
+        load_iteration=a.load_iteration, save_interval=a.save_interval,
+        use_checkpoint_args=a.use_checkpoint_args, tensorboard_dir=a.tensorboard_dir,
+        log_json=a.log_json, data_cache_path=a.data_cache_path)
+
+
+def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int,
+                      tokenizer_vocab_size: Optional[int] = None) -> Configs:
+    """Translate parsed flags into validated configs; ``vocab_size`` is already padded
+    (``tokenizer_vocab_size``: the tokenizer's own size, ModelConfig.tokenizer_vocab_size)."""
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(a, flag) is None:
             raise ConfigError(f"--{flag.replace('_', '-')} is required (or --use-checkpoint-args with --load)")
@@ -206,7 +273,8 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -
         position_embedding_type=a.position_embedding_type,
         add_bias_linear=False if a.disable_bias_linear else None,
         untie_embeddings_and_output_weights=a.untie_embeddings_and_output_weights,
-        rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon, init_method_std=a.init_method_std)
+        rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon, init_method_std=a.init_method_std,
+        tokenizer_vocab_size=tokenizer_vocab_size)
     exits = ExitConfig(
         exit_layer_nums=a.exit_layer_nums, pre_exit=a.pre_exit, use_exit_norm=a.use_exit_norm,
         use_exit_mlp=a.use_exit_mlp, use_exit_block=a.use_exit_block,
@@ -226,7 +294,7 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -
     dtype = "float64" if a.fp64 else "float32"
     cfg = EarlyExitGPTConfig(model=model, exits=exits, parallel=parallel,
                              recompute_granularity=a.recompute_granularity, params_dtype=dtype,
-                             seed=a.seed)
+                             seed=a.seed, cross_entropy_chunk_size=a.cross_entropy_chunk_size)
     train = TrainConfig(
         micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
         train_iters=a.train_iters, lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style,
@@ -236,13 +304,7 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int) -
         optimizer_backend=a.optimizer_backend, use_distributed_optimizer=a.use_distributed_optimizer,
         eval_interval=a.eval_interval, eval_iters=a.eval_iters)
     train.num_microbatches(parallel.data_parallel_size)  # validates the batch arithmetic
-    run = RunConfig(
-        data_path=a.data_path, split=a.split, tokenizer_type=a.tokenizer_type,
-        tokenizer_model=a.tokenizer_model, vocab_file=a.vocab_file, merge_file=a.merge_file,
-        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, save=a.save, load=a.load,
-        load_iteration=a.load_iteration, save_interval=a.save_interval,
-        use_checkpoint_args=a.use_checkpoint_args, tensorboard_dir=a.tensorboard_dir,
-        log_json=a.log_json, data_cache_path=a.data_cache_path)
+    run = run_config_from_args(a)
     schedule = ScheduleConfig(
         fill_explicit_bubbles=a.fill_explicit_bubbles,
         num_fill_warmup_microbatches=a.num_fill_warmup_microbatches,

@@ -1,4 +1,4 @@
-"""Resharding checkpoints: TP2·PP2 -> TP1·PP1 (by loading, and by tools/checkpoint_reshard.py)
+"""Resharding checkpoints: TP2·PP2 -> TP1·PP1 (by loading, and by tools/checkpoint/reshard.py)
 -> TP2·PP2, TP1·PP2 with two virtual chunks per stage, and TP2·PP1, all in one 4-rank spawn.
 
 A float64 Llama-style model with a tied output layer (so the last stage holds a copy of the word
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from tests.distributed_harness import run_distributed
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint_reshard.py")
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint", "reshard.py")
 
 
 def make_cfg(tp, pp, world, vpp=None):
@@ -99,38 +99,37 @@ def run_tool(argv):
 
 
 def _scenario(rank, world, root):
-    from megatron.early_exit.checkpoint import load_checkpoint, save_checkpoint
 
     a, b, c = (os.path.join(root, x) for x in ("tp2pp2", "tp1pp1", "tool_tp1pp1"))
     out = {}
     setup = make_setup(2, 2, world)
     fake_step(setup)
     out["saved"] = full_view(setup)
-    save_checkpoint(a, setup, args={"tensor_model_parallel_size": 2})
+    setup.save_checkpoint(a, args={"tensor_model_parallel_size": 2})
 
     setup = make_setup(1, 1, world)  # DP=4
-    load_checkpoint(a, setup)
+    setup.load_checkpoint(a)
     out["tp1"], out["tp1_logits"] = full_view(setup), pp1_logits(setup, False)
-    save_checkpoint(b, setup)
+    setup.save_checkpoint(b)
     if rank == 0:
         assert run_tool(["--load", a, "--save", c, "--tensor-model-parallel-size", "1",
                          "--pipeline-model-parallel-size", "1"]) == 0
     dist.barrier()
 
     setup = make_setup(1, 1, world)
-    assert load_checkpoint(c, setup)["args"] == {"tensor_model_parallel_size": 1}
+    assert setup.load_checkpoint(c)["args"] == {"tensor_model_parallel_size": 1}
     out["tool"], out["tool_logits"] = full_view(setup), pp1_logits(setup, False)
 
     setup = make_setup(2, 2, world)
-    load_checkpoint(b, setup)
+    setup.load_checkpoint(b)
     out["back"] = full_view(setup)
 
     setup = make_setup(1, 2, world, vpp=1)  # two virtual chunks per stage, DP=2
-    load_checkpoint(a, setup)
+    setup.load_checkpoint(a)
     out["vpp"] = full_view(setup)
 
     setup = make_setup(2, 1, world)  # DP=2
-    load_checkpoint(a, setup)
+    setup.load_checkpoint(a)
     out["tp2"], out["tp2_logits"] = full_view(setup), pp1_logits(setup, True)
     return out
 

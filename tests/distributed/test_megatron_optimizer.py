@@ -89,7 +89,6 @@ def _state_diff(a, b):
 
 
 def _scenario(rank, world, root):
-    from megatron.early_exit.checkpoint import load_checkpoint, save_checkpoint
     from megatron.early_exit.parallel.state import initialize_parallel
     from megatron.early_exit.trainer.megatron_optimizer import MegatronCoreOptimizer
     from tests.megatron_cpu_shim import cpu_optimizer_shim
@@ -110,13 +109,13 @@ def _scenario(rank, world, root):
         out["param_diff"] = max(_max_diff(ref, meg), _max_diff(ref, plain))
         out["state_diff"] = max(_state_diff(ref, meg), _state_diff(ref, plain))
 
-        save_checkpoint(f"{root}/meg", meg)  # sharded state -> whole tensors on disk
-        save_checkpoint(f"{root}/ref", ref)
+        meg.save_checkpoint(f"{root}/meg")  # sharded state -> whole tensors on disk
+        ref.save_checkpoint(f"{root}/ref")
         from_meg = _setup(cfg, ctx, "torch")
-        load_checkpoint(f"{root}/meg", from_meg)
+        from_meg.load_checkpoint(f"{root}/meg")
         out["loaded_state_diff"] = _state_diff(ref, from_meg)
         from_ref = _setup(cfg, ctx, "megatron")
-        load_checkpoint(f"{root}/ref", from_ref)
+        from_ref.load_checkpoint(f"{root}/ref")
         out["reloaded_state_diff"] = _state_diff(ref, from_ref)
         for s in (ref, from_meg, from_ref):
             _step(s)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron.early_exit.checkpoint import (CheckpointError, checkpoint_tokenizer_files,
                                             config_from_dict, load_checkpoint, load_full_state,
-                                            read_checkpoint_metadata, save_checkpoint)
+                                            read_checkpoint_metadata)
 from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig, TrainConfig
 
 
@@ -78,7 +78,7 @@ def test_round_trip_is_exact(single_rank_parallel, tmp_path):
     s1 = make_setup(seed=5)
     train_one(s1)
     train_one(s1)
-    path = save_checkpoint(ckpt, s1, args={"lr": 1e-2, "load": None}, extra={"consumed_samples": 8},
+    path = s1.save_checkpoint(ckpt, args={"lr": 1e-2, "load": None}, extra={"consumed_samples": 8},
                            tokenizer_files=[vocab])
     assert path == os.path.join(ckpt, "iter_0000002")
     saved = snapshot(s1)
@@ -88,7 +88,7 @@ def test_round_trip_is_exact(single_rank_parallel, tmp_path):
 
     s2 = make_setup(seed=9)  # different weights, fresh optimizer, scrambled RNG
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
-    meta = load_checkpoint(ckpt, s2)
+    meta = s2.load_checkpoint(ckpt)
     assert s2.iteration == 2 and meta["extra"] == {"consumed_samples": 8}
     assert_same(snapshot(s2)[0], saved[0])
     assert_same(snapshot(s2)[1], saved[1])
@@ -108,14 +108,14 @@ def test_round_trip_is_exact(single_rank_parallel, tmp_path):
     assert torch.equal(full["decoder.layers.1.mlp.linear_fc1.weight"],
                        saved[0]["decoder.layers.1.mlp.linear_fc1.weight"])
 
-    save_checkpoint(ckpt, s2)  # iteration 3, twice: the second replaces the first
+    s2.save_checkpoint(ckpt)  # iteration 3, twice: the second replaces the first
     train_one(s2)
     s2.iteration = 3
-    save_checkpoint(ckpt, s2)
+    s2.save_checkpoint(ckpt)
     assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000003",
                                         "latest_checkpointed_iteration.txt"]
     s3 = make_setup(seed=9)
-    load_checkpoint(ckpt, s3)
+    s3.load_checkpoint(ckpt)
     assert_same(snapshot(s3)[0], snapshot(s2)[0])
 
 
@@ -140,7 +140,7 @@ def pristine(tmp_path_factory):
     train_one(setup)
     train_one(setup)
     root = str(tmp_path_factory.mktemp("pristine"))
-    save_checkpoint(root, setup)
+    setup.save_checkpoint(root)
     destroy_parallel()
     return root
 
@@ -197,7 +197,7 @@ def test_broken_checkpoint_is_refused(single_rank_parallel, pristine, tmp_path, 
     setup = make_setup(seed=9)
     before = snapshot(setup)[0]
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(root, setup)
+        setup.load_checkpoint(root)
     assert_same(snapshot(setup)[0], before)  # refused before any parameter is touched
 
 
@@ -205,21 +205,23 @@ def test_stray_tmp_dir_keeps_previous_latest(single_rank_parallel, pristine, tmp
     root = str(tmp_path / "ckpt")
     shutil.copytree(pristine, root)
     os.makedirs(os.path.join(root, "iter_0000003.tmp-abc"))  # a save that crashed mid-way
-    assert load_checkpoint(root, make_setup(seed=9))["iteration"] == 2
+    s = make_setup(seed=9)
+    meta = load_checkpoint(root, s.chunks, s.ctx, s.cfg, optimizer=s.optimizer)
+    assert meta["iteration"] == 2 and s.iteration == 0  # returned, not set on the caller's object
 
 
 @pytest.mark.parametrize("change, field", [(dict(hidden=48), "model.hidden_size"),
                                            (dict(exits=(1,)), "exits.exit_layer_nums")])
 def test_config_mismatch_names_the_field(single_rank_parallel, pristine, change, field):
     with pytest.raises(CheckpointError, match=rf"{field} is .* in the checkpoint but .* here"):
-        load_checkpoint(pristine, make_setup(**change))
+        make_setup(**change).load_checkpoint(pristine)
 
 
 def test_non_strict_load_keeps_new_exit(single_rank_parallel, pristine):
     setup = make_setup(seed=9, exits=(1, 2, 3))
     new_exit = setup.chunks[0].exits["3"].norm.weight.detach().clone()
     with pytest.warns(UserWarning, match="exits.3.norm.weight"):
-        load_checkpoint(pristine, setup, strict=False, load_optimizer=False)
+        setup.load_checkpoint(pristine, strict=False, load_optimizer=False)
     _, full = load_full_state(pristine)
     assert torch.equal(setup.chunks[0].embedding.word_embeddings.weight,
                        full["embedding.word_embeddings.weight"])
@@ -234,13 +236,13 @@ def test_replace_without_atomic_exchange(single_rank_parallel, tmp_path, monkeyp
     monkeypatch.setattr(fmt, "_exchange", lambda a, b: False)
     root = str(tmp_path / "ckpt")
     setup = make_setup()
-    save_checkpoint(root, setup)
+    setup.save_checkpoint(root)
     train_one(setup)
     setup.iteration = 0
-    save_checkpoint(root, setup)  # replaces iter_0000000
+    setup.save_checkpoint(root)  # replaces iter_0000000
     assert sorted(os.listdir(root)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     os.rename(os.path.join(root, "iter_0000000"), os.path.join(root, "iter_0000000.old-abc"))
     fresh = make_setup(seed=9)
     with pytest.warns(UserWarning, match="moved aside by an interrupted save"):
-        load_checkpoint(root, fresh)
+        fresh.load_checkpoint(root)
     assert_same(snapshot(fresh)[0], snapshot(setup)[0])

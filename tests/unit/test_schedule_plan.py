@@ -97,7 +97,7 @@ def test_fill_formulas():
     for p in PPS:
         for ratio in (0.5, 1.0, 2.0, 3.0):
             k0 = math.floor((p - 1) * ratio / (1 + ratio) + 1e-9)
-            assert max_fill_microbatches(p, 0, ratio) == k0  # DESIGN.md 4
+            assert max_fill_microbatches(p, 0, ratio) == k0  # docs/pipeline.md
             for s in range(p):
                 assert max_fill_microbatches(p, s, ratio) == max(0, k0 - s)
     assert fill_depths(4, 3, 2.0) == [1, 0]

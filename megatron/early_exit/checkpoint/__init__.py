@@ -2,12 +2,13 @@
 
     from megatron.early_exit.checkpoint import save_checkpoint, load_checkpoint
 
-    save_checkpoint(save_dir, setup, args=vars(args), extra={"consumed_samples": n},
+    save_checkpoint(save_dir, chunks, ctx, cfg, iteration, optimizer=opt,
                     tokenizer_files=[vocab, merges])           # collective, every rank
-    meta = load_checkpoint(load_dir, setup)                    # collective; any TP/PP/DP layout
+    meta = load_checkpoint(load_dir, chunks, ctx, cfg, optimizer=opt)  # any TP/PP/DP layout
+    iteration = meta["iteration"]
     meta = read_checkpoint_metadata(load_dir)                  # --use-checkpoint-args
     config, tensors = load_full_state(load_dir)                # one process, full tensors
-    reshard_checkpoint(load_dir, out_dir, tp=1, pp=1)          # tools/checkpoint_reshard.py
+    reshard_checkpoint(load_dir, out_dir, tp=1, pp=1)          # tools/checkpoint/reshard.py
 
 Parameters and optimizer state are stored under canonical, layout-independent names
 (model/sharding.py) with their tensor-parallel ShardSpec; see format.py for the directory

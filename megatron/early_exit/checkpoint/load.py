@@ -1,7 +1,8 @@
 """Load (and reshard) our checkpoints; read their metadata; read full tensors on one process.
 
-    meta = load_checkpoint(args.load, setup, iteration=args.load_iteration)   # every rank
-    meta = read_checkpoint_metadata(args.load)            # --use-checkpoint-args: meta["args"]
+    meta = load_checkpoint(load_dir, chunks, ctx, cfg, optimizer=optimizer)   # every rank
+    iteration = meta["iteration"]                         # what was loaded is returned, not set
+    meta = read_checkpoint_metadata(load_dir)             # --use-checkpoint-args: meta["config"]
     config, tensors = load_full_state(path)               # one process, no model: tools, export
 
 ``load_checkpoint`` picks the iteration (given, else ``latest_checkpointed_iteration.txt``),
@@ -118,14 +119,14 @@ def _check_params(params, reader: ShardReader, ctx, strict: bool) -> None:
                                           f"this model needs {want}")
 
 
-def _read_rng(dir_path: str, meta: dict, setup) -> Optional[dict]:
+def _read_rng(dir_path: str, meta: dict, layout: dict) -> Optional[dict]:
     """This rank's saved RNG state, or None (with a warning) if it cannot apply here."""
     if not meta["has_rng"]:
         warnings.warn(f"{dir_path} holds no RNG states (resharded?): RNG not restored")
         return None
-    if meta["layout"] != layout_dict(setup):
+    if meta["layout"] != layout:
         warnings.warn(f"checkpoint layout {meta['layout']} differs from this run's "
-                      f"{layout_dict(setup)}: RNG states not restored")
+                      f"{layout}: RNG states not restored")
         return None
     path = fmt.check_file(dir_path, fmt.rng_file(global_rank()), meta["files"], hash_it=True)
     try:
@@ -134,38 +135,40 @@ def _read_rng(dir_path: str, meta: dict, setup) -> Optional[dict]:
         raise fmt.CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
 
 
-def _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict) -> dict:
+def _load_here(load_dir, chunks, ctx, cfg, optimizer, iteration, load_rng, strict) -> dict:
     dir_path, meta, reader = open_checkpoint(load_dir, iteration)
-    check_config(meta["config"], setup.cfg, strict)
-    if load_optimizer and not meta["has_optimizer"]:
-        raise fmt.CheckpointError(f"{dir_path} holds no optimizer state; load it with "
-                                  "load_optimizer=False (--no-load-optim)")
-    params = local_params(setup.chunks, setup.cfg.model.swiglu)
-    _check_params(params, reader, setup.ctx, strict)
-    reader.prefetch([(p.canon, p.spec) for p in params], load_optimizer, setup.ctx)
-    rng = _read_rng(dir_path, meta, setup) if load_rng else None
-    load_model_tensors(params, reader, setup.ctx)
-    if load_optimizer:
-        load_optimizer_state(params, setup.optimizer, reader, setup.ctx)
+    check_config(meta["config"], cfg, strict)
+    if optimizer is not None and not meta["has_optimizer"]:
+        raise fmt.CheckpointError(f"{dir_path} holds no optimizer state; load it without the "
+                                  "optimizer (optimizer=None)")
+    params = local_params(chunks, cfg.model.swiglu)
+    _check_params(params, reader, ctx, strict)
+    reader.prefetch([(p.canon, p.spec) for p in params], optimizer is not None, ctx)
+    rng = _read_rng(dir_path, meta, layout_dict(ctx, len(chunks))) if load_rng else None
+    load_model_tensors(params, reader, ctx)
+    if optimizer is not None:
+        load_optimizer_state(params, optimizer, reader, ctx)
     if rng is not None:
         restore_rng_state(rng)
-    setup.iteration = meta["iteration"]
     return meta
 
 
-def load_checkpoint(load_dir: str, setup, iteration: Optional[int] = None, load_optimizer: bool = True,
+def load_checkpoint(load_dir: str, chunks, ctx, cfg, optimizer=None, iteration: Optional[int] = None,
                     load_rng: bool = True, strict: bool = True) -> dict:
-    """Load a checkpoint into ``setup`` (chunks, optimizer, RNG, iteration), resharding as needed.
+    """Load a checkpoint into this rank's model ``chunks`` (EarlyExitGPTConfig ``cfg``,
+    ParallelContext ``ctx``), the ``optimizer`` state (None: not loaded) and the RNG states,
+    resharding as needed. Returns the checkpoint's metadata; ``meta["iteration"]`` is the
+    iteration it holds (the caller continues from there).
 
     Collective: every rank calls it. A failing rank raises its own error (``CheckpointError``
     for a missing, corrupt or mismatching checkpoint); the others raise ``CheckpointError``
     naming that rank, so no rank is left waiting in a later collective.
     ``strict=False`` tolerates parameters absent from the checkpoint (e.g. newly added exits)
-    and skips the exit-structure check. Returns the checkpoint's metadata.
+    and skips the exit-structure check.
     """
     meta, error = None, None
     try:
-        meta = _load_here(load_dir, setup, iteration, load_optimizer, load_rng, strict)
+        meta = _load_here(load_dir, chunks, ctx, cfg, optimizer, iteration, load_rng, strict)
     except Exception as e:  # noqa: BLE001 - the other ranks must hear of it, not hang
         error = e
     message = None if error is None else f"{type(error).__name__}: {error}"

@@ -1,7 +1,8 @@
 """Save a training state as a sharded, reshardable checkpoint (collective over all ranks).
 
-    path = save_checkpoint(args.save, setup, args=vars(args), extra={"consumed_samples": n},
-                           tokenizer_files=["vocab.json", "merges.txt"])
+    path = save_checkpoint(save_dir, chunks, ctx, cfg, iteration, optimizer=optimizer,
+                           train_config=train_cfg, args=dataclasses.asdict(run_cfg),
+                           extra={"consumed_samples": n}, tokenizer_files=["vocab.json", "merges.txt"])
 
 Every rank calls it. Ranks with dp_rank 0 write their (tp, pp) model and optimizer shards,
 every rank writes its RNG state, global rank 0 copies the tokenizer files; all of it goes into
@@ -12,7 +13,7 @@ rank fails, every rank raises ``CheckpointError`` and the latest checkpoint stay
 
 ``metadata.json`` holds: format_version, iteration, config (dataclasses.asdict of
 EarlyExitGPTConfig), train_config (of TrainConfig), layout (world/TP/PP/DP sizes, virtual
-chunks), args (for --use-checkpoint-args), extra, tensors (canonical name -> pp_rank of its
+chunks), args (the run's RunConfig: tokenizer, for --use-checkpoint-args), extra, tensors (canonical name -> pp_rank of its
 file, full shape, dtype, ShardSpec dim/chunks), has_optimizer, has_rng, tokenizer_files, files
 (the manifest: relative path -> size, sha256) and metadata_sha256 (a seal over the rest).
 """
@@ -73,11 +74,10 @@ def jsonable(value):
 
 
 # ------------------------------------------------------------------------------ pieces
-def layout_dict(setup) -> dict:
-    ctx = setup.ctx
+def layout_dict(ctx, num_chunks: int) -> dict:
     return {"world_size": world_size(), "tensor_model_parallel_size": ctx.tp_size,
             "pipeline_model_parallel_size": ctx.pp_size, "data_parallel_size": ctx.dp_size,
-            "virtual_pipeline_chunks": len(setup.chunks)}
+            "virtual_pipeline_chunks": num_chunks}
 
 
 def copy_tokenizer_files(dir_path: str, paths: Iterable[str]) -> Dict[str, dict]:
@@ -125,20 +125,18 @@ def write_shard_files(dir_path: str, params, optimizer, ctx, states=None) -> tup
     return files, tensor_index(params, ctx)
 
 
-def _write_rank(tmp: str, setup, save_optimizer: bool, save_rng: bool, tokenizer_files) -> dict:
+def _write_rank(tmp: str, chunks, ctx, cfg, opt, save_rng: bool, tokenizer_files) -> dict:
     """This rank's part of the save; errors are reported, not raised (rank 0 decides)."""
     report = {"rank": global_rank(), "files": {}, "index": {}, "error": None}
     try:
-        ctx = setup.ctx
-        params = local_params(setup.chunks, setup.cfg.model.swiglu)
-        opt = setup.optimizer if save_optimizer else None
+        params = local_params(chunks, cfg.model.swiglu)
         # every DP rank takes part (a sharded optimizer gathers its state), dp_rank 0 writes
         states = saved_optimizer_states(params, opt) if opt is not None else None
         if ctx.dp_rank == 0:
             report["files"], report["index"] = write_shard_files(tmp, params, opt, ctx, states)
         if save_rng:
             name = fmt.rng_file(global_rank())
-            state = dict(capture_rng_state(), layout=layout_dict(setup))
+            state = dict(capture_rng_state(), layout=layout_dict(ctx, len(chunks)))
             size, sha = fmt.write_torch_file(os.path.join(tmp, name), state)
             report["files"][name] = {"size": size, "sha256": sha}
         if global_rank() == 0:
@@ -176,7 +174,8 @@ def build_metadata(iteration: int, config: dict, train_config: Optional[dict], l
     }
 
 
-def _finish(save_dir: str, tmp: str, setup, reports, args, extra, save_optimizer, save_rng) -> str:
+def _finish(save_dir: str, tmp: str, iteration: int, cfg, train_config, layout: dict, reports, args,
+            extra, save_optimizer, save_rng) -> str:
     errors = [f"rank {r['rank']}:\n{r['error']}" for r in reports if r["error"]]
     if errors:
         raise fmt.CheckpointError("saving failed on " + "\n".join(errors))
@@ -184,41 +183,44 @@ def _finish(save_dir: str, tmp: str, setup, reports, args, extra, save_optimizer
     for r in reports:
         files.update(r["files"])
         index.update(r["index"])
-    train = getattr(setup, "train", None)
-    meta = build_metadata(setup.iteration, dataclasses.asdict(setup.cfg),
-                          dataclasses.asdict(train) if train is not None else None,
-                          layout_dict(setup), index, files, args, extra, save_optimizer, save_rng)
-    return fmt.commit(save_dir, tmp, setup.iteration, meta)
+    meta = build_metadata(iteration, dataclasses.asdict(cfg),
+                          dataclasses.asdict(train_config) if train_config is not None else None,
+                          layout, index, files, args, extra, save_optimizer, save_rng)
+    return fmt.commit(save_dir, tmp, iteration, meta)
 
 
-def save_checkpoint(save_dir: str, setup, args: Optional[dict] = None, extra: Optional[dict] = None,
-                    tokenizer_files: Iterable[str] = (), save_optimizer: bool = True,
-                    save_rng: bool = True) -> str:
-    """Save ``setup`` (model chunks, optimizer, RNG) at ``setup.iteration``; collective over all
-    ranks. Returns the committed ``<save_dir>/iter_XXXXXXX`` path on every rank."""
+def save_checkpoint(save_dir: str, chunks, ctx, cfg, iteration: int, optimizer=None,
+                    train_config=None, args: Optional[dict] = None, extra: Optional[dict] = None,
+                    tokenizer_files: Iterable[str] = (), save_rng: bool = True) -> str:
+    """Save this rank's model ``chunks`` (EarlyExitGPTConfig ``cfg``, ParallelContext ``ctx``),
+    the ``optimizer`` state (None: not saved) and the RNG states as the checkpoint of
+    ``iteration``; collective over all ranks. ``train_config`` (a TrainConfig) and ``args`` (a
+    dict) are recorded in the metadata. Returns the committed ``<save_dir>/iter_XXXXXXX`` path
+    on every rank."""
     tmp = None
     if global_rank() == 0:
-        tmp = os.path.join(save_dir, f"{fmt.iteration_name(setup.iteration)}.tmp-{fmt.new_nonce()}")
+        tmp = os.path.join(save_dir, f"{fmt.iteration_name(iteration)}.tmp-{fmt.new_nonce()}")
         try:
             os.makedirs(tmp)
         except OSError as e:
             tmp = ("error", f"cannot create {tmp}: {e}")
     tmp = broadcast_object(tmp)
     if isinstance(tmp, tuple):
-        raise fmt.CheckpointError(f"checkpoint at iteration {setup.iteration} not saved: {tmp[1]}")
-    report = _write_rank(tmp, setup, save_optimizer, save_rng, tokenizer_files)
+        raise fmt.CheckpointError(f"checkpoint at iteration {iteration} not saved: {tmp[1]}")
+    report = _write_rank(tmp, chunks, ctx, cfg, optimizer, save_rng, tokenizer_files)
     reports = gather_objects(report)
     outcome = None
     if global_rank() == 0:
         try:
-            outcome = ("ok", _finish(save_dir, tmp, setup, reports, args, extra, save_optimizer,
-                                     save_rng))
+            outcome = ("ok", _finish(save_dir, tmp, iteration, cfg, train_config,
+                                     layout_dict(ctx, len(chunks)), reports, args, extra,
+                                     optimizer is not None, save_rng))
         except Exception as e:  # noqa: BLE001 - every rank must learn of the failure
             shutil.rmtree(tmp, ignore_errors=True)
             outcome = ("error", f"{type(e).__name__}: {e}")
     status, value = broadcast_object(outcome)
     if status != "ok":
-        raise fmt.CheckpointError(f"checkpoint at iteration {setup.iteration} not saved: {value}")
+        raise fmt.CheckpointError(f"checkpoint at iteration {iteration} not saved: {value}")
     if global_rank() == 0:  # committed: what interrupted saves left behind can go
         remove_stale_saves(save_dir)
     return value

@@ -3,7 +3,7 @@
     from megatron.early_exit.data.jsonl import shakespeare_documents, write_jsonl
     write_jsonl(shakespeare_documents(unit="paragraph", works=["hamlet"]), "hamlet.jsonl")
 
-or from a shell: ``python tools/text_to_jsonl.py --output shakespeare.jsonl --unit work``.
+or from a shell (the tool parses the flags): ``python tools/text_to_jsonl.py --output x.jsonl``.
 Each document is ``{"text": ..., "source": <work or file name>}``. ``unit="work"`` gives one
 document per work (or file); ``unit="paragraph"`` cuts at blank lines and joins consecutive
 blocks until each document has at least ``min_chars`` characters (a play's blocks are single
@@ -12,11 +12,10 @@ speeches, often a few words), so documents keep some context.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional
 
 UNITS = ("work", "paragraph")
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
@@ -80,22 +79,10 @@ def write_jsonl(documents: Iterable[dict], path: str) -> int:
     return n
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Text files or the Shakespeare corpus -> JSON lines")
-    p.add_argument("--output", required=True)
-    p.add_argument("--input", nargs="*", default=None,
-                   help="plain text files (default: the Shakespeare corpus)")
-    p.add_argument("--works", nargs="*", default=None, help="Shakespeare works to include")
-    p.add_argument("--unit", choices=UNITS, default="work")
-    p.add_argument("--min-chars", type=int, default=500, help="paragraph documents' minimum size")
-    p.add_argument("--max-docs", type=int, default=None)
-    args = p.parse_args(argv)
-    if args.input:
-        texts = {os.path.basename(f): open(f, encoding="utf-8", errors="replace").read()
-                 for f in args.input}
-        docs = list(text_documents(texts, args.unit, args.min_chars))[:args.max_docs]
-    else:
-        docs = shakespeare_documents(args.unit, args.works, args.min_chars, args.max_docs)
-    n = write_jsonl(docs, args.output)
-    print(f"wrote {n} documents to {args.output}")
-    return n
+def read_text_files(paths: Iterable[str]) -> dict:
+    """File name -> text (undecodable bytes replaced) for ``text_documents``."""
+    texts = {}
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts[os.path.basename(path)] = f.read()
+    return texts

@@ -11,19 +11,22 @@ integer dtype that holds the vocabulary. Documents that tokenize to nothing are 
 ``--append-eod`` ends every document with the tokenizer's end-of-document id, which GPTDataset
 needs to tell documents apart when it packs them into sequences. The result is used as
 ``--data-path PREFIX_text_document``. Progress goes to stderr (tqdm when installed).
+The flags are parsed by the tool; here they are a ``PreprocessConfig``::
+
+    preprocess(PreprocessConfig(input="corpus.jsonl", output_prefix="data/c", tokenizer_type="ByteTokenizer"))
 
 Tests: ``python -m pytest -q tests/unit/test_data_preprocess.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 from megatron.early_exit.config import ConfigError
 
@@ -32,23 +35,34 @@ from .tokenizers import TOKENIZER_TYPES, build_tokenizer
 _WORKER: dict = {}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="JSON-lines file, one document per line")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
-    p.add_argument("--output-prefix", required=True,
-                   help="writes OUTPUT_PREFIX_{key}_document.bin/.idx")
-    p.add_argument("--tokenizer-type", required=True, choices=sorted(TOKENIZER_TYPES))
-    p.add_argument("--vocab-file", default=None)
-    p.add_argument("--merge-file", default=None)
-    p.add_argument("--tokenizer-model", default=None)
-    p.add_argument("--append-eod", action="store_true", help="end each document with eod")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--chunk-size", type=int, default=32, help="lines per worker task")
-    p.add_argument("--log-interval", type=int, default=1000,
-                   help="documents between progress lines (when tqdm is not installed)")
-    return p
+@dataclass
+class PreprocessConfig:
+    """What tools/preprocess_data.py does (its flags; ``ConfigError`` names the flag at fault)."""
+
+    input: str  # --input: JSON-lines file, one document per line
+    output_prefix: str  # --output-prefix: writes OUTPUT_PREFIX_{key}_document.bin/.idx
+    tokenizer_type: str  # --tokenizer-type
+    json_keys: List[str] = field(default_factory=lambda: ["text"])  # --json-keys
+    vocab_file: Optional[str] = None  # --vocab-file
+    merge_file: Optional[str] = None  # --merge-file
+    tokenizer_model: Optional[str] = None  # --tokenizer-model
+    append_eod: bool = False  # --append-eod
+    workers: int = 1  # --workers: tokenizer processes
+    chunk_size: int = 32  # --chunk-size: lines per worker task
+    log_interval: int = 1000  # --log-interval: documents between progress lines (no tqdm)
+
+    def __post_init__(self):
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(f"--tokenizer-type must be one of {sorted(TOKENIZER_TYPES)}, "
+                              f"got {self.tokenizer_type!r}")
+        if not os.path.isfile(self.input):
+            raise ConfigError(f"--input {self.input!r} does not exist")
+        for flag, value in (("--workers", self.workers), ("--chunk-size", self.chunk_size),
+                            ("--log-interval", self.log_interval)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+            raise ConfigError(f"--json-keys needs distinct keys, got {self.json_keys}")
 
 
 def _init_worker(tokenizer_type: str, files: dict, keys: Sequence[str], append_eod: bool):
@@ -64,12 +78,12 @@ def _encode(item: tuple[int, str, str]) -> tuple[Optional[dict], int]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}:{lineno}: not valid JSON ({e})") from None
+        raise ConfigError(f"--input {source}:{lineno}: not valid JSON ({e})") from None
     tok = _WORKER["tokenizer"]
     out = {}
     for key in _WORKER["keys"]:
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
-            raise ValueError(f"{source}:{lineno}: no string under --json-keys {key!r}")
+            raise ConfigError(f"--input {source}:{lineno}: no string under --json-keys {key!r}")
         ids = tok.tokenize(record[key])
         if ids and _WORKER["append_eod"]:
             ids.append(tok.eod)
@@ -120,20 +134,9 @@ def _encoded(args, files: dict) -> Iterable[tuple[Optional[dict], int]]:
         yield from pool.imap(_encode, _lines(args.input), chunksize=args.chunk_size)
 
 
-def _check_args(args) -> None:
-    if not os.path.isfile(args.input):
-        raise ConfigError(f"--input {args.input!r} does not exist")
-    if args.workers < 1 or args.chunk_size < 1:
-        raise ConfigError("--workers and --chunk-size must be >= 1")
-    if len(set(args.json_keys)) != len(args.json_keys):
-        raise ConfigError(f"--json-keys has a repeated key: {args.json_keys}")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the tool; returns ``{"prefixes": {key: prefix}, "documents": {key: n},
+def preprocess(args: PreprocessConfig) -> dict:
+    """Tokenize ``args.input``; returns ``{"prefixes": {key: prefix}, "documents": {key: n},
     "skipped": {key: n}, "tokens": {key: n}}``."""
-    args = build_parser().parse_args(argv)
-    _check_args(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file,
                                 args.tokenizer_model)
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder

@@ -4,7 +4,7 @@ Every transfer is a ``torch.distributed.batch_isend_irecv`` of ``P2POp``s on an 
 process group, waited on before returning; receive buffers are allocated from the shape and
 dtype the caller passes, on the device the object was built with. Nothing here calls
 torch.cuda, so the same code runs on gloo/CPU and NCCL/GPU (megatron-core's
-p2p_communication does not: DESIGN.md 8)::
+p2p_communication does not, see docs/design.md "CPU")::
 
     p2p = PipelineP2P(group, prev_rank=prev_global, next_rank=next_global, device=device)
     x = p2p.recv_forward(shape, torch.bfloat16)          # from the previous stage

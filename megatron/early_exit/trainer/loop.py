@@ -36,6 +36,23 @@ class TrainingSetup:
     def num_partial_microbatches(self) -> int:
         return num_partial_microbatches(self.cfg, self.schedule, self.ctx.pp_size)
 
+    def save_checkpoint(self, save_dir: str, save_optimizer: bool = True, **kwargs) -> str:
+        """checkpoint/save.py's save_checkpoint of this setup at ``self.iteration``."""
+        from megatron.early_exit.checkpoint.save import save_checkpoint
+
+        return save_checkpoint(save_dir, self.chunks, self.ctx, self.cfg, self.iteration,
+                               optimizer=self.optimizer if save_optimizer else None,
+                               train_config=self.train, **kwargs)
+
+    def load_checkpoint(self, load_dir: str, load_optimizer: bool = True, **kwargs) -> dict:
+        """Load a checkpoint into this setup and continue from its iteration; returns its metadata."""
+        from megatron.early_exit.checkpoint.load import load_checkpoint
+
+        meta = load_checkpoint(load_dir, self.chunks, self.ctx, self.cfg,
+                               optimizer=self.optimizer if load_optimizer else None, **kwargs)
+        self.iteration = meta["iteration"]
+        return meta
+
     def microbatches(self, dataset, iteration: int, with_partials: bool = False):
         """This rank's micro-batches of ``iteration``; with bubble filling, also the partial
         micro-batches' data (read after the global batch, so the full batches never change)."""

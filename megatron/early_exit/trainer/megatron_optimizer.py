@@ -6,8 +6,8 @@ optimizer stack instead of torch AdamW plus our all-reduces:
 - each model chunk gets a ``megatron.core.distributed.DistributedDataParallel`` wrapper only for
   its gradient buffers: backward hooks add every ``param.grad`` into a contiguous fp32
   ``param.main_grad`` buffer, ``finish_grad_sync`` all-reduces (or reduce-scatters) it over the
-  data-parallel group, averaging. Our model chunks are still called directly (the executor
-  calls ``embed`` / ``run_layer`` / exits), the hooks fire all the same;
+  data-parallel group, averaging. Our model chunks are still called directly (the schedule
+  executor calls each chunk's ``forward``, not the wrapper), the hooks fire all the same;
 - ``get_megatron_optimizer`` builds the optimizer: FP32Optimizer over the fp32 parameters, or
   with ``--use-distributed-optimizer`` the DistributedOptimizer, which keeps only this DP rank's
   shard of the AdamW state and all-gathers the updated parameters after the step. It clips by
@@ -21,8 +21,8 @@ tied gradient never depends on how DP shards the buffer.
 
 Checkpoints keep their layout-independent format: ``full_param_states`` assembles each
 parameter's whole AdamW state (a DP all-reduce of the shards for the distributed optimizer) and
-``load_full_param_states`` cuts this rank's shard back out, so a checkpoint written with one
-backend loads with the other and reshards as before.
+``load_full_param_states`` cuts this rank's shard back out (checkpoint/tensors.py calls both),
+so a checkpoint written with one backend loads with the other and reshards as before.
 
 Needs CUDA (megatron-core's optimizer wrappers allocate on 'cuda'); on CPU the trainer uses
 trainer/optimizer.py. GPU test: ``python -m pytest -q tests/gpu``.
