@@ -8,7 +8,8 @@
 Reads the full tensors of the checkpoint (latest iteration unless --load-iteration), writes the
 per-(tp, pp) files of the target layout in the same format, with the optimizer state unless
 --no-optimizer (or the source has none), and commits it atomically under --save. The result
-loads with any data-parallel size; RNG states are not carried over.
+loads with any data-parallel size; RNG states are not carried over. Bad input: one line
+``error: --flag: ...`` and exit code 2 (``--debug``: the traceback).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit.checkpoint import CheckpointError, reshard_checkpoint  # noqa: E402
-from megatron.early_exit.config import ConfigError  # noqa: E402
+from megatron.early_exit.cli import UsageError, blame, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,18 +36,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     if os.path.abspath(a.load) == os.path.abspath(a.save):
-        print("error: --save must differ from --load", file=sys.stderr)
-        return 2
+        raise UsageError("--save", "must differ from --load")
     try:
         path = reshard_checkpoint(a.load, a.save, a.tensor_model_parallel_size,
                                   a.pipeline_model_parallel_size, iteration=a.load_iteration,
                                   with_optimizer=not a.no_optimizer)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except CheckpointError as e:  # the checkpoint read from --load (ConfigErrors name their flag)
+        raise blame("--load", e) from e
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
