@@ -41,6 +41,12 @@ def test_tau_one_reproduces_full_model(variant, single_rank_parallel):
     a = engine.generate(prompts, 12, sampling=sampled, mode=FullDepth())
     b = engine.generate(prompts, 12, sampling=sampled, mode=EarlyExit(threshold=1.0))
     assert [o.tokens for o in a] == [o.tokens for o in b]
+    # against an independent no-cache full-depth recomputation (float64 weights)
+    cfg64, model64 = trained(variant)
+    L = cfg64.model.num_layers
+    for p, out in zip(prompts, Engine(model64, cfg64).generate(prompts, 12, mode=EarlyExit(threshold=1.0))):
+        ref_tokens, _ = reference_greedy(model64, p, 12, num_layers=L)
+        assert (out.tokens, out.exit_layers) == (ref_tokens, [L] * 12)
 
 
 @pytest.mark.parametrize("mode", [FullDepth(), EarlyExit(threshold=0.5, max_pending=3)],

@@ -14,7 +14,7 @@ from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.inference.modes import FullDepth, SelfSpeculative
 from megatron.early_exit.inference.sampling import SamplingParams, processed_probs
 from megatron.early_exit.config import EarlyExitGPTConfig, ExitConfig, ModelConfig
-from tests.unit.engine_testlib import VARIANTS, build, random_prompts, trained
+from tests.unit.engine_testlib import reference_greedy, VARIANTS, build, random_prompts, trained
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -24,6 +24,8 @@ def test_greedy_speculative_equals_full_greedy(variant, single_rank_parallel):
     gen = torch.Generator().manual_seed(11)
     prompts = random_prompts(gen, 4, cfg.model.vocab_size)
     full = engine.generate(prompts, 14, mode=FullDepth())
+    for p, a in zip(prompts, full):  # an independent no-cache full-depth recomputation
+        assert a.tokens == reference_greedy(model, p, 14, num_layers=cfg.model.num_layers)[0]
     accepted = 0
     for exit_layer in cfg.exits.exit_layer_nums:
         for k, tau_draft in ((1, 0.0), (4, 0.5)):
