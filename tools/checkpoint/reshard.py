@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rewrite an early-exit checkpoint for another tensor/pipeline-parallel layout (one process).
 
-    python tools/checkpoint_reshard.py --load ckpt/run1 --save ckpt/run1_tp1 \\
+    python tools/checkpoint/reshard.py --load ckpt/run1 --save ckpt/run1_tp1 \\
         --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 [--load-iteration 100] \\
         [--no-optimizer]
 
@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron.early_exit.checkpoint import CheckpointError, reshard_checkpoint  # noqa: E402
 from megatron.early_exit.cli import UsageError, blame, run_cli  # noqa: E402

@@ -4,7 +4,7 @@ Reads every full tensor (and, if wanted, the full AdamW state), decides from the
 names which pipeline stage of the target layout holds each one (model/placement.py), cuts the
 TP shards with ``model/sharding.shard`` and writes the per-(tp, pp) files in the same format
 as ``save_checkpoint``, committed atomically. RNG states are not carried (the layout changes).
-Used by ``tools/checkpoint_reshard.py``.
+Used by ``tools/checkpoint/reshard.py``.
 
 The vocabulary-sized tensors (word embedding, output layers) have padded rows beyond the
 tokenizer's ids (``--make-vocab-size-divisible-by`` x TP). When the target layout pads
