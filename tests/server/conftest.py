@@ -27,7 +27,8 @@ ASCII0, ASCII = 32, 96  # the language's ids 0..95 are bytes 32..127
 
 def tiny_cfg(positions: int = 256) -> EarlyExitGPTConfig:
     model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                        ffn_hidden_size=48, vocab_size=257, seq_length=positions,
+                        ffn_hidden_size=48, vocab_size=320, tokenizer_vocab_size=257,
+                        seq_length=positions,
                         architecture="llama")
     return EarlyExitGPTConfig(model=model, exits=ExitConfig(exit_layer_nums=[1, 2, 3]),
                               params_dtype="float32", seed=3)
