@@ -21,7 +21,7 @@ from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.inference.modes import FullDepth
 from megatron.early_exit.inference.static_decode import StaticDecodeStep
 from tests.reference_model import reference_logits
-from tests.unit.engine_testlib import build, random_prompts, reference_greedy
+from tests.unit.engine_testlib import build, make_cfg, random_prompts, reference_greedy
 
 ARCHS = {
     "llama": dict(architecture="llama"),  # RMSNorm, SwiGLU, RoPE, no biases, untied
@@ -129,10 +129,16 @@ def test_broken_fused_variants_fail(broken, single_rank_parallel, monkeypatch):
     assert (got - want).abs().max() > 1e-4, broken  # the tolerance is 1e-10
 
 
-def test_fused_engine_greedy_matches_reference(single_rank_parallel):
+@pytest.mark.parametrize("variant", ["llama", "gpt2-pre-exit-block"])
+def test_fused_engine_greedy_matches_reference(variant, single_rank_parallel):
     """Through the engine (what ``fast_decode="fused"`` is to wire): greedy tokens of rows of
-    different lengths equal the no-cache reference decoder's."""
-    cfg, model = make_model("llama", "float64")
+    different lengths equal the no-cache reference decoder's; the gpt2 variant has exit blocks,
+    whose own KV caches share the cache buffers with the decoder layers'."""
+    if variant == "llama":
+        cfg, model = make_model("llama", "float64")
+    else:
+        cfg = make_cfg(variant)
+        model = build(cfg)
 
     class FusedEngine(Engine):
         def static_step(self, cache):
