@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TP ranks (run under torchrun; world size = TP x PP).")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="PP stages: pipeline-based early-exit decoding (run under torchrun).")
-    p.add_argument("--fast-decode", choices=["static", "cuda_graph", "compile"],
+    p.add_argument("--fast-decode", choices=["static", "fused", "cuda_graph", "compile"],
                    help="Decode steps on static shapes (full depth; early exit and self-speculative "
-                        "too, for one prompt); cuda_graph / compile replay them as CUDA graphs (GPU only).")
+                        "too, for one prompt); fused: full-depth steps as fused torch ops (TP=1, "
+                        "fastest on CPU); cuda_graph / compile replay them as CUDA graphs (GPU only).")
     return p
 
 

@@ -51,7 +51,7 @@ __all__ = ["Engine", "Session"]
 
 Sampling = Union[SamplingParams, Sequence[SamplingParams]]
 GREEDY = SamplingParams(temperature=0.0)
-FAST_DECODE = (None, "static", "cuda_graph", "compile")
+FAST_DECODE = (None, "static", "fused", "cuda_graph", "compile")
 
 
 class Engine:
@@ -60,10 +60,12 @@ class Engine:
     def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None,
                  ctx=None):
         """``fast_decode``: None (every step through the general pass), ``"static"`` (static
-        shapes), ``"cuda_graph"`` (those steps replayed as CUDA graphs) or ``"compile"``
-        (full-depth steps through torch.compile, then a CUDA graph). It applies to sessions that
-        own their whole cache (``generate``): full-depth steps at any batch (static_decode.py)
-        and batch-1 early exit / self-speculative passes (static_early_exit.py)."""
+        shapes), ``"fused"`` (full-depth steps as fused torch ops on the same weights and
+        cache, fused_decode.py; TP = 1), ``"cuda_graph"`` (static steps replayed as CUDA graphs)
+        or ``"compile"`` (full-depth steps through torch.compile, then a CUDA graph). It applies
+        to sessions that own their whole cache (``generate``): full-depth steps at any batch
+        (static_decode.py) and, except ``"fused"``, batch-1 early exit / self-speculative passes
+        (static_early_exit.py)."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk per rank (no virtual PP)")
@@ -71,8 +73,7 @@ class Engine:
         if cfg.parallel.sequence_parallel:
             raise ValueError("build the inference model with sequence_parallel=False")
         if fast_decode not in FAST_DECODE:
-            raise ValueError("fast_decode must be None, 'static', 'cuda_graph' or 'compile', got "
-                             f"{fast_decode!r}")
+            raise ValueError(f"fast_decode must be one of {FAST_DECODE}, got {fast_decode!r}")
         self.model, self.cfg = model.eval(), cfg
         self.pipelined = not (model.pre_process and model.post_process)
         self.drives = model.pre_process  # this rank runs sessions (stage 0)
@@ -129,6 +130,8 @@ class Engine:
             from megatron.early_exit.inference.static_decode import StaticFullDepthRunner
 
             return StaticFullDepthRunner(general, self.static_step(session.cache))
+        if self.fast_decode == "fused":
+            return general
         return self.static_runner(session, general, in_flight=session.store_slots - 1)
 
     def static_step(self, cache: KVCache):
@@ -139,7 +142,8 @@ class Engine:
             self._static = None
             self._static = StaticDecodeStep(self.model, self.cfg, cache,
                                             cuda_graph=self.fast_decode == "cuda_graph",
-                                            compile=self.fast_decode == "compile")
+                                            compile=self.fast_decode == "compile",
+                                            fused=self.fast_decode == "fused")
         return self._static
 
     def static_runner(self, session: "Session", runner: DepthRunner, in_flight: int):
