@@ -181,6 +181,8 @@ def check_args(a: argparse.Namespace) -> None:
     check_requires(a, REQUIRES)
     if a.exit_layer_weight_warmup_iters and not a.exit_layer_nums:
         raise UsageError("--exit-layer-weight-warmup-iters", "has no effect without --exit-layer-nums")
+    if a.lr_decay_iters is not None and a.lr_decay_style == "constant":
+        raise UsageError("--lr-decay-iters", "has no effect with --lr-decay-style constant")
     if a.fill_explicit_bubbles and a.pipeline_model_parallel_size == 1:
         raise UsageError("--fill-explicit-bubbles", "fills pipeline bubbles, so it needs "
                          "--pipeline-model-parallel-size > 1")

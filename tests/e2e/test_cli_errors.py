@@ -4,14 +4,16 @@ A table of bad invocations of every entry point we own (pretrain_early_exit_gpt.
 tools): each must exit with code 2 and print exactly one stderr line ``error: --flag: ...``
 naming the flag at fault (argparse's own errors: its usage line, then ``error: argument --flag``;
 preprocess_data.py's progress bar may come first).
-The invocations run as real processes, all started at once; the table's bad inputs are caught
-before torch.distributed starts, so a process takes about a second. Below the table, run_cli's
-contract in-process: bugs keep their traceback, ``--debug`` shows it for input errors too.
+Each case calls the script's own ``run_cli(main)`` in this process (the bad inputs are caught
+before torch.distributed starts, so a case takes milliseconds), and one case per script also runs
+as a real process, to see its exit status and stderr. Below the table, run_cli's contract:
+bugs keep their traceback, ``--debug`` shows it for input errors too.
 
-Run: ``python -m pytest -q tests/e2e/test_cli_errors.py`` (about 20 s on 2 cores).
+Run: ``python -m pytest -q tests/e2e/test_cli_errors.py`` (about 10 s on 2 cores).
 """
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,7 @@ CASES = [
     (PRETRAIN, MODEL + ["--num-fill-warmup-microbatches", "1"], "--num-fill-warmup-microbatches"),
     (PRETRAIN, MODEL + ["--fill-explicit-bubbles", "--exit-layer-nums", "1"], "--fill-explicit-bubbles"),
     (PRETRAIN, MODEL + ["--load-iteration", "3"], "--load-iteration"),
+    (PRETRAIN, MODEL + ["--lr-decay-style", "constant", "--lr-decay-iters", "10"], "--lr-decay-iters"),
     (PRETRAIN, MODEL + ["--use-checkpoint-args"], "--use-checkpoint-args"),
     (PRETRAIN, MODEL + ["--load", "{tmp}/typo", "--save", "{tmp}/ckpt"], "--load"),
     (PRETRAIN, MODEL[:-2], "--seq-length"),  # required
@@ -65,23 +68,14 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    """Every case's (returncode, stderr), the processes running side by side."""
+def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "c.jsonl").write_text('{"text": "hello"}\n')
     (tmp / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
-    procs = []
-    for script, argv, _ in CASES:
-        cmd = [sys.executable, str(ROOT / script), *[a.format(tmp=tmp) for a in argv]]
-        procs.append(subprocess.Popen(cmd, cwd=tmp, env=ENV, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    return [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    return tmp
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{Path(s).stem}:{f}" for s, _, f in CASES])
-def test_bad_invocation_exits_2_naming_the_flag(outcomes, i):
-    script, argv, flag = CASES[i]
-    code, err = outcomes[i]
+def check_outcome(script, flag, code, err):
     lines = err.strip().splitlines()
     assert code == 2, (code, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
@@ -92,6 +86,32 @@ def test_bad_invocation_exits_2_naming_the_flag(outcomes, i):
     assert errors == lines[-1:], err  # one error line, the last (a progress bar may precede it)
     assert lines[-1].startswith(f"error: {flag}: "), lines[-1]
     assert len(lines) == 1 or script == "tools/preprocess_data.py", err
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{Path(s).stem}:{f}" for s, _, f in CASES])
+def test_bad_invocation_exits_2_naming_the_flag(tmp, capsys, monkeypatch, i):
+    """The script's own ``run_cli(main)``, called in this process (each is cheap: the bad input
+    is caught before torch.distributed starts)."""
+    script, argv, flag = CASES[i]
+    monkeypatch.chdir(tmp)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts prepend the repository root
+    entry = runpy.run_path(str(ROOT / script), run_name="cli_table")
+    with pytest.raises(SystemExit) as info:
+        entry["run_cli"](entry["main"], [a.format(tmp=tmp) for a in argv])
+    check_outcome(script, flag, info.value.code, capsys.readouterr().err)
+
+
+def test_each_entry_point_as_a_process(tmp):
+    """One bad invocation per script as a real process (exit status, stderr), all at once."""
+    first = {}
+    for script, argv, flag in CASES:
+        first.setdefault(script, (argv, flag))
+    procs = {script: subprocess.Popen([sys.executable, str(ROOT / script), *[a.format(tmp=tmp) for a in argv]],
+                                      cwd=tmp, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for script, (argv, _) in first.items()}
+    for script, proc in procs.items():
+        code = proc.wait(timeout=120)
+        check_outcome(script, first[script][1], code, proc.communicate()[1])
 
 
 def test_run_cli_keeps_tracebacks_for_bugs_and_with_debug(capsys):
