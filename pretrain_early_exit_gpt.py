@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     check_load(args)
     tokenizer, vocab = tokenizer_and_vocab(args)
     world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1  # torchrun's
-    configs = configs_from_args(args, world, vocab)
+    configs = configs_from_args(args, world, vocab, tokenizer_vocab_size=tokenizer.vocab_size)
 
     import torch.distributed as dist
 

@@ -1,25 +1,29 @@
 """Output projection fused with the cross entropy, in chunks of tokens: no [s, b, V/tp] logits kept.
 
 A head's loss needs ``logits = h W^T`` ([s, b, V/tp] per TP rank) only to reduce each row to two
-numbers: the log-sum-exp over the vocabulary and the label's logit. ``LinearCrossEntropy``
-computes them ``chunk_size`` tokens at a time and keeps, for backward, only ``h``, ``W`` and the
-per-token log-sum-exp ([N] floats); backward recomputes each chunk's logits and turns them into
-the gradient at once,
+numbers, the log-sum-exp over the vocabulary and the label's logit, and its gradient needs only
+the softmax of that row. ``linear_cross_entropy`` takes ``chunk_size`` tokens at a time: it makes
+the chunk's logits, reduces them to the chunk's loss, turns the same buffer into the gradient
+of the loss with respect to the logits,
 
-    dL/dz = g * (softmax(z) - onehot(label)),   dh = (dL/dz / T) W,   dW = (dL/dz / T)^T h,
+    dL/dz_t = c_t (softmax(z_t) - onehot(label_t)) / T,    c_t = mask_t / sum(mask) (x max p_t)
 
-so the peak extra memory of a head is one chunk's logits instead of all of them (the price is
-one more [chunk, h] x [h, V/tp] matmul per chunk in backward). Under tensor parallelism each
-rank holds the vocabulary rows [r * V/tp, (r + 1) * V/tp); the row max and the sums (sum of exp,
-label logit) are all-reduced over the TP group per chunk, as in megatron-core's
-vocab-parallel cross entropy. Padded vocabulary rows (ids >= ``num_tokens``) are left out of
-every softmax: each rank uses only its real columns.
+and at once into dh (= dL/dz W) and dW (+= dL/dz^T h), then drops it. Backward only scales the
+kept dh [N, h] and dW [V/tp, h] by the incoming gradient (the loss is linear in them), so the
+FLOPs are those of materialised logits (three matmuls) and the extra memory of a head is one
+chunk's logits plus one weight-sized gradient. ``--use-dynamic-exit-layer-weight``'s max
+probability is the constant 1 / sum_j exp(z_j - max z) of the same chunk.
 
-    ce, pmax = linear_cross_entropy(h, weight, labels, num_tokens=257, chunk_size=1024,
-                                    tp_group=group, with_max_prob=True)   # [b, s] each
+Under tensor parallelism each rank holds the vocabulary rows [r * V/tp, (r + 1) * V/tp); the
+row max and the sums (sum of exp, label logit) are all-reduced over the TP group per chunk, as
+in megatron-core's vocab-parallel cross entropy. Padded vocabulary rows (ids >= ``num_tokens``)
+are left out of every softmax: each rank uses only its real rows (none of them get a gradient).
+
+    loss = linear_cross_entropy(h, weight, labels, loss_mask, num_tokens=257, chunk_size=1024,
+                                tp_group=group)   # h [s, b, h], weight [V/tp, h], labels [b, s]
 
 Tested against a float64 full-logits cross entropy in tests/unit/test_linear_cross_entropy.py
-(one rank) and tests/distributed/test_padded_vocab_layouts.py (TP=2).
+(one rank) and tests/distributed/test_padded_vocab_layouts.py (TP=4, TP=2 in training).
 """
 
 from __future__ import annotations
@@ -54,73 +58,68 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float) -> torch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(h [N, h], W_real [v, h], local target [N]) -> (ce [N], max probability [N]).
+    """(h [N, h], W_real [v, h], local target [N], coef [N]) -> sum_t c_t * ce_t.
 
     ``W_real`` is this rank's real vocabulary rows; ``target`` indexes them (-1: the label lives
-    on another rank). Max probability is a constant (no gradient).
+    on another rank). c_t = coef_t, times the token's (constant) max probability if ``dynamic``.
+    The gradients are made in forward, one chunk of logits at a time, and kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, h, w, target, temperature, chunk_size, group):
-        n = h.shape[0]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        lse = torch.empty(n, dtype=acc, device=h.device)  # log sum_j exp(z_j), all ranks' j
-        ce = torch.empty(n, dtype=acc, device=h.device)
-        pmax = torch.empty(n, dtype=acc, device=h.device)
-        for start in range(0, n, chunk_size):
-            rows = slice(start, min(n, start + chunk_size))
-            z = _chunk_logits(h[rows], w, temperature)  # [C, v]
+    def forward(ctx, h, w, target, coef, temperature, chunk_size, group, dynamic, want_h, want_w):
+        loss = torch.zeros((), dtype=coef.dtype, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=coef.dtype, device=w.device) if want_w else None
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, min(h.shape[0], start + chunk_size))
+            z = _chunk_logits(h[rows], w, temperature)  # [C, v], one buffer reused in place
             zmax = z.max(dim=-1).values if z.shape[1] else z.new_full(z.shape[:1], float("-inf"))
             if group is not None:
                 dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
-            shifted = z.sub_(zmax[:, None])  # in place: one [C, v] buffer per chunk
             t = target[rows]
+            shifted = z.sub_(zmax[:, None])
             picked = torch.zeros_like(zmax)
             if z.shape[1]:
                 picked = shifted.gather(1, t.clamp(min=0)[:, None]).squeeze(1) * (t >= 0)
-            sums = torch.stack([shifted.exp_().sum(dim=-1), picked])  # [2, C]
+            e = shifted.exp_()  # exp(z - max z)
+            sums = torch.stack([e.sum(dim=-1), picked])  # [2, C]
             if group is not None:
                 dist.all_reduce(sums, group=group)
             sum_exp, picked = sums
-            ce[rows] = sum_exp.log() - picked
-            lse[rows] = zmax + sum_exp.log()
-            pmax[rows] = 1.0 / sum_exp
-        ctx.save_for_backward(h, w, target, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(pmax)
-        return ce, pmax
+            c = coef[rows] / sum_exp if dynamic else coef[rows]  # max p = 1 / sum_exp
+            loss += (c * (sum_exp.log() - picked)).sum()
+            if want_h or want_w:  # dL/dz = c (softmax - onehot) / T
+                g = e.mul_((c / (sum_exp * temperature))[:, None])
+                if g.shape[1]:
+                    g.scatter_add_(1, t.clamp(min=0)[:, None], (-(t >= 0).to(c.dtype) * c / temperature)[:, None])
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[rows] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ h[rows]).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(w.dtype))
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_ce, _grad_pmax):
-        h, w, target, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if need_w else None
-        scale = grad_ce / ctx.temperature  # [N]: dL/dlogit = scale * (softmax - onehot)
-        for start in range(0, h.shape[0], ctx.chunk_size):
-            rows = slice(start, min(h.shape[0], start + ctx.chunk_size))
-            p = _chunk_logits(h[rows], w, ctx.temperature).sub_(lse[rows, None]).exp_()  # [C, v]
-            t = target[rows]
-            here = (t >= 0).nonzero().squeeze(1)
-            p[here, t[here]] -= 1.0
-            g = p.mul_(scale[rows, None]).to(h.dtype)  # [C, v]
-            if need_h:
-                grad_h[rows] = g @ w
-            if need_w:
-                grad_w += (g.t() @ h[rows]).to(grad_w.dtype)
-        return grad_h, None if grad_w is None else grad_w.to(w.dtype), None, None, None, None
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
+        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale,
+                None, None, None, None, None, None, None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         num_tokens: int, temperature: float = 1.0, chunk_size: int = 4096,
-                         tp_group: Optional[dist.ProcessGroup] = None, sequence_parallel: bool = False,
-                         with_max_prob: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token cross entropy of ``hidden @ weight^T / temperature`` without keeping the logits.
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         loss_mask: Optional[torch.Tensor] = None, *, num_tokens: int,
+                         temperature: float = 1.0, dynamic: bool = False, chunk_size: int = 4096,
+                         tp_group: Optional[dist.ProcessGroup] = None,
+                         sequence_parallel: bool = False) -> torch.Tensor:
+    """Masked mean over tokens of the cross entropy of ``hidden @ weight^T / temperature``
+    (each token's CE times its detached max probability if ``dynamic``), no logits kept.
 
     hidden ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism: gathered here, as the
-    output layer would), weight ``[V/tp, h]`` (this rank's vocabulary rows), labels ``[b, s]``
-    (global ids < ``num_tokens``). Returns (ce ``[b, s]``, the detached max softmax probability
-    ``[b, s]`` if ``with_max_prob`` else None), replicated over the TP group.
+    output layer would), weight ``[V/tp, h]`` (this rank's vocabulary rows), labels and
+    loss_mask ``[b, s]`` (labels: global ids < ``num_tokens``). The scalar is replicated over
+    the TP group.
     """
     if chunk_size < 1:
         raise ValueError(f"--cross-entropy-chunk-size must be positive here, got {chunk_size}")
@@ -139,9 +138,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     real = real_columns(num_tokens, local_vocab, tp_rank)
     w_real = weight if real == local_vocab else weight[:real]  # [v, h]
     target = labels.transpose(0, 1).reshape(-1) - tp_rank * local_vocab  # [s*b]
-    target = torch.where((target >= 0) & (target < w_real.shape[0]), target, -1)
+    target = torch.where((target >= 0) & (target < real), target, -1)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mask = torch.ones(b, s, dtype=acc, device=hidden.device) if loss_mask is None else loss_mask.to(acc)
+    coef = (mask / mask.sum().clamp(min=1.0)).transpose(0, 1).reshape(-1)  # [s*b]: masked mean
+    grad = torch.is_grad_enabled()
     with torch.autocast(hidden.device.type, enabled=False):
-        ce, pmax = _LinearCrossEntropy.apply(hidden.reshape(s * b, width), w_real, target,
-                                             float(temperature), int(chunk_size), group)
-    ce = ce.view(s, b).transpose(0, 1)  # [b, s]
-    return ce, pmax.view(s, b).transpose(0, 1) if with_max_prob else None
+        return _LinearCrossEntropy.apply(hidden.reshape(s * b, width), w_real, target, coef,
+                                         float(temperature), int(chunk_size), group, bool(dynamic),
+                                         grad and hidden.requires_grad, grad and w_real.requires_grad)

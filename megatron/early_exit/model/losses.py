@@ -116,10 +116,6 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               num_tokens: int, chunk_size: int, sequence_parallel: bool) -> torch.Tensor:
     """One head's scalar loss from its projection input ``hidden`` [s, b, h] (sequence-split
     under SP) and output weight [V/tp, h], in chunks of ``chunk_size`` tokens (no logits kept)."""
-    per_token, p = linear_cross_entropy(hidden, weight, labels, num_tokens=num_tokens,
-                                        temperature=temperature, chunk_size=chunk_size,
-                                        tp_group=_tp_group(), sequence_parallel=sequence_parallel,
-                                        with_max_prob=dynamic)
-    if dynamic:
-        per_token = per_token * p.to(per_token.dtype)
-    return masked_mean(per_token, loss_mask)
+    return linear_cross_entropy(hidden, weight, labels, loss_mask, num_tokens=num_tokens,
+                                temperature=temperature, dynamic=dynamic, chunk_size=chunk_size,
+                                tp_group=_tp_group(), sequence_parallel=sequence_parallel)
