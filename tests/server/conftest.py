@@ -65,48 +65,53 @@ def write_checkpoint(root: str, chat_template: bool = True) -> str:
             json.dump({"chat_template": CHATML, "eos_token": "\n"}, f)
         files.append(path)
     ckpt = os.path.join(root, "ckpt")
-    try:
-        save_checkpoint(ckpt, chunks, ctx, cfg, iteration=40, tokenizer_files=files)
-    except TypeError:  # the older signature: save_checkpoint(dir, TrainingSetup, ...)
-        from megatron.early_exit.config import TrainConfig
-        from megatron.early_exit.trainer.loop import TrainingSetup
-
-        setup = TrainingSetup(cfg, TrainConfig(micro_batch_size=8, global_batch_size=8), ctx,
-                              chunks, torch.optim.Adam(chunks[0].parameters()), iteration=40)
-        save_checkpoint(ckpt, setup, tokenizer_files=files, save_optimizer=False)
+    save_checkpoint(ckpt, chunks, ctx, cfg, iteration=40, tokenizer_files=files)
     destroy_parallel()
     return ckpt
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def one_rank_world():
+    """A gloo world of one rank for the block (unless one exists); the environment variables
+    ensure_process_group sets are restored afterwards."""
+    from megatron.early_exit.parallel.state import ensure_process_group
+
+    created = not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    if created:
+        ensure_process_group("gloo")
+    try:
+        yield
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of the tiny checkpoint (written once per pytest session)."""
-    created = not dist.is_initialized()
-    if created:
-        from megatron.early_exit.parallel.state import ensure_process_group
-
-        ensure_process_group("gloo")
-    try:
+    with one_rank_world():
         return write_checkpoint(str(tmp_path_factory.mktemp("server_ckpt")))
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def engine_tok(tiny_checkpoint):
     """(engine, tokenizer) of the tiny checkpoint on one CPU rank, for this test module."""
     from megatron.early_exit.inference.loading import load_engine
-    from megatron.early_exit.parallel.state import destroy_parallel, ensure_process_group
+    from megatron.early_exit.parallel.state import destroy_parallel
 
-    created = not dist.is_initialized()
-    if created:
-        ensure_process_group("gloo")
-    engine, tok = load_engine(tiny_checkpoint, torch.device("cpu"))
-    yield engine, tok
-    destroy_parallel()
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
+    with one_rank_world():
+        engine, tok = load_engine(tiny_checkpoint, torch.device("cpu"))
+        yield engine, tok
+        destroy_parallel()
 
 
 class Server:
