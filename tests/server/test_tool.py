@@ -113,3 +113,19 @@ def test_serve_readme_examples_and_client(tiny_checkpoint):
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0, proc.stdout.read()
+
+
+@pytest.mark.parametrize("env,launcher", [({}, "python"), ({"TP": "2", "PP": "2"}, "torchrun")])
+def test_serve_sh_builds_the_command(env, launcher):
+    out = subprocess.run(["bash", str(ROOT / "examples/serve.sh")], capture_output=True,
+                         text=True, timeout=30, check=True,
+                         env=dict(os.environ, DRY_RUN="1", CKPT="ck", TAU="0.8", **env)).stdout
+    argv = shlex.split(out)
+    assert argv[0].startswith("OMP_NUM_THREADS=") and argv[1] == launcher
+    if launcher == "torchrun":
+        assert argv[2:5] == ["--standalone", "--nproc-per-node", "4"]
+    tool_args = argv[argv.index(str(TOOL)) + 1:]
+    args = _tool().build_parser().parse_args(tool_args)  # every flag is the tool's
+    assert (args.load, args.host, args.port, args.early_exit_thres) == ("ck", "127.0.0.1", 5000, 0.8)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (
+        int(env.get("TP", 1)), int(env.get("PP", 1)))
