@@ -36,7 +36,7 @@ tests/gpu/test_gpu_decode.py (graph).
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -144,20 +144,6 @@ class StaticDecodeStep:
             self.cache.layout = self.layout
             self.graph.replay()
         return self.logits
-
-    def decode(self, rows: Sequence[int], states: Dict[int, RowState], last_tokens: Sequence[int],
-               confidence) -> PassResult:
-        """Engine adapter: one step of ``rows`` (the live ones); every cache row is computed.
-        ``last_tokens`` holds every row's newest token id; ``confidence(logits) -> [n]``."""
-        dev = self.cache.device
-        B = self.cache.batch
-        newest = [states[r].newest for r in range(B)]
-        logits = self(torch.tensor(list(last_tokens), dtype=torch.int64, device=dev),
-                      torch.tensor(newest, dtype=torch.int64, device=dev))
-        picked = logits.index_select(0, torch.tensor(list(rows), dtype=torch.int64, device=dev))
-        for r in rows:
-            states[r].advance(self.num_layers, self.num_layers)
-        return PassResult(picked, confidence(picked), [self.num_layers] * len(rows))
 
 
 class StaticFullDepthRunner:
