@@ -156,3 +156,29 @@ def test_check_requires_names_the_ignored_flag():
     with pytest.raises(UsageError, match="--draft-exit: has no effect without --self-speculative"):
         check_requires(Namespace(exit_layers=[], early_exit_thres=None, draft_exit=2,
                                  self_speculative=False), pairs)
+
+
+def test_use_checkpoint_args_rebuilds_the_saved_model_config():
+    """--use-checkpoint-args: the model and exit structure come from the saved config (the
+    reference is that config itself), training flags stay as given, the caller's Namespace is
+    left alone."""
+    import dataclasses
+
+    from megatron.early_exit.arguments import configs_from_args, parse_args, with_checkpoint_args
+
+    saved_args = parse_args(["--num-layers", "4", "--hidden-size", "48", "--num-attention-heads", "6",
+                             "--num-query-groups", "2", "--seq-length", "24", "--architecture", "gpt2",
+                             "--disable-bias-linear", "--exit-layer-nums", "1", "3", "--use-exit-mlp",
+                             "--untie-exit-output-weights", "--make-vocab-size-divisible-by", "64",
+                             "--tokenizer-type", "ByteTokenizer", "--lr", "1e-3"])
+    saved = configs_from_args(saved_args, 1, 320)
+    meta = {"config": dataclasses.asdict(saved.model), "args": dataclasses.asdict(saved.run)}
+    given = parse_args(["--use-checkpoint-args", "--load", "ckpt", "--lr", "5e-4", "--num-layers", "9"])
+    args = with_checkpoint_args(given, meta)
+    assert given.num_layers == 9 and given.hidden_size is None  # not edited in place
+    again = configs_from_args(args, 1, 320)
+    assert again.model.model == saved.model.model
+    for name in ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
+                 "untie_exit_output_weights"):
+        assert getattr(again.model.exits, name) == getattr(saved.model.exits, name), name
+    assert again.run.make_vocab_size_divisible_by == 64 and again.train.lr == 5e-4
