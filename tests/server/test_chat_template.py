@@ -60,3 +60,9 @@ def test_missing_and_failing_templates(tmp_path):
     named = ChatTemplate.from_config({"chat_template": [{"name": "tool_use", "template": "T"},
                                                         {"name": "default", "template": "D"}]})
     assert named.render([]) == "D"
+
+
+def test_template_from_chat_template_jinja(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}{{ eos_token }}")
+    assert ChatTemplate.from_directory(str(tmp_path)).render([{"role": "user", "content": "a"}]) == "a</s>"

@@ -30,6 +30,7 @@ from typing import List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megatron.early_exit.inference.requests import QueueFull, RequestError
@@ -39,7 +40,7 @@ from megatron.early_exit.server.metrics import ServerMetrics
 from megatron.early_exit.server.protocol import (ProtocolError, ServerDefaults, build_requests,
                                                  front_field, parse_api, parse_chat,
                                                  parse_completions)
-from megatron.early_exit.server.service import ServerFault
+from megatron.early_exit.server.service import ServerFault, ServerUnavailable
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -135,6 +136,8 @@ def _map_exception(e: BaseException, job=None) -> JSONResponse:
     if isinstance(e, RequestError):  # refused by the Scheduler (e.g. its cached-token budget)
         name = front_field(job.kind, e.field, job.mode) if job is not None else e.field
         return _error(400, e.message, name)
+    if isinstance(e, ServerUnavailable):
+        return _error(503, str(e))
     if isinstance(e, ServerFault):
         log.error("server fault: %s", e)
         return _error(500, str(e))
@@ -151,17 +154,20 @@ class _Handlers:
         self.chat_template, self.metrics = chat_template, metrics
         self.model = config.defaults.model_name
 
-    def _prepare(self, job):
+    def _prepare(self, parse, body: bytes):
+        job = parse(body, self.config.defaults)
         reqs = build_requests(job, self.tokenizer, self.cfg, self.chat_template,
                               pipeline=self.config.pipeline)
         holdback = max((len(s) for s in job.stop_strings), default=1) - 1
-        return reqs, holdback
+        return job, reqs, holdback
 
     async def run(self, request: Request, endpoint: str, parse):
         start = time.monotonic()
         try:
-            job = parse(await request.body(), self.config.defaults)
-            reqs, holdback = self._prepare(job)
+            body = await request.body()
+            # parsing, chat templates and tokenization may take a while on a long prompt: off
+            # the event loop, so other requests keep streaming meanwhile
+            job, reqs, holdback = await run_in_threadpool(self._prepare, parse, body)
             flight = _Flight(self.service, reqs, self.tokenizer.detokenize, holdback)
         except (ProtocolError, QueueFull, RequestError, ServerFault) as e:
             resp = _map_exception(e)

@@ -36,13 +36,18 @@ from typing import Callable, Dict, List, Optional
 
 from megatron.early_exit.inference.requests import QueueFull, RequestError
 
-__all__ = ["GenerationService", "ControlGroup", "Plan", "ServerFault", "follow"]
+__all__ = ["GenerationService", "ControlGroup", "Plan", "ServerFault", "ServerUnavailable",
+           "follow"]
 
 log = logging.getLogger(__name__)
 
 
 class ServerFault(RuntimeError):
     """The engine failed while running a request (a genuine server error, HTTP 500)."""
+
+
+class ServerUnavailable(ServerFault):
+    """The engine loop is stopping or stopped (HTTP 503)."""
 
 
 @dataclass
@@ -136,7 +141,7 @@ class GenerationService:
         the next step and the sink gets its QueueFull), ServerFault when the loop is not running."""
         with self._lock:
             if self._stopping or not self.alive:
-                raise ServerFault("the engine loop is not running")
+                raise ServerUnavailable("the engine loop is not running")
             queued = len(self._adds) + self.num_waiting + self.num_running
             if queued >= self.max_queue + self.max_rows:  # the Scheduler's own check is exact
                 raise QueueFull(f"the queue holds {self.max_queue} waiting requests")
@@ -185,8 +190,8 @@ class GenerationService:
             with self._lock:
                 sinks, self._sinks = self._sinks, {}
             for sink in sinks.values():
-                sink(ServerFault("the server is shutting down" if self._stopping
-                                 else "the engine loop stopped"))
+                sink(ServerUnavailable("the server is shutting down") if self._stopping
+                     else ServerFault("the engine loop stopped"))
 
     def _step(self) -> None:
         start = time.perf_counter()

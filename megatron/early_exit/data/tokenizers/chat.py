@@ -1,7 +1,8 @@
 """Chat templates: render a list of chat messages into a prompt string, the way HF does.
 
 A checkpoint imported from Hugging Face carries ``tokenizer_config.json`` beside its tokenizer
-files; its ``chat_template`` (a Jinja2 template, HF format) turns messages into text::
+files; its ``chat_template`` (a Jinja2 template, HF format; or ``chat_template.jinja``) turns
+messages into text::
 
     template = ChatTemplate.from_directory(tokenizer_dir)      # None when there is none
     text = template.render([{"role": "user", "content": "Hi"}])   # ends with the assistant cue
@@ -25,6 +26,7 @@ from typing import List, Optional
 __all__ = ["ChatTemplate", "ChatTemplateError", "CONFIG_FILE"]
 
 CONFIG_FILE = "tokenizer_config.json"
+JINJA_FILE = "chat_template.jinja"  # where transformers >= 4.43 may keep the template instead
 
 
 class ChatTemplateError(ValueError):
@@ -71,14 +73,20 @@ class ChatTemplate:
 
     @classmethod
     def from_directory(cls, directory: str) -> Optional["ChatTemplate"]:
-        """From ``directory/tokenizer_config.json``; None when the file or the template is absent."""
+        """From ``directory/tokenizer_config.json`` (its ``chat_template``, else the file
+        ``chat_template.jinja`` beside it, with the config's special tokens); None when neither
+        holds a template."""
         path = os.path.join(directory, CONFIG_FILE)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        config = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: expected a JSON object")
+        jinja = os.path.join(directory, JINJA_FILE)
+        if not config.get("chat_template") and os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                config = dict(config, chat_template=f.read())
         return cls.from_config(config)
 
     def render(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
