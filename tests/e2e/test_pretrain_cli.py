@@ -24,7 +24,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
+    """A byte-level indexed Shakespeare dataset (its --data-path prefix), built once per session:
+    the modules that import this fixture share one directory under pytest's base temp."""
+    d = tmp_path_factory.getbasetemp() / "shared_corpus"
+    done = d / "c_text_document.done"
+    if done.exists():
+        return str(d / "c_text_document")
+    d.mkdir(exist_ok=True)
     from megatron.early_exit.data.corpus import load_shakespeare
 
     text = load_shakespeare(max_chars=300_000)
@@ -36,6 +42,7 @@ def corpus(tmp_path_factory):
                     "--json-keys", "text", "--output-prefix", str(d / "c"), "--tokenizer-type",
                     "ByteTokenizer", "--append-eod", "--workers", "1"], check=True, env=ENV,
                    capture_output=True)
+    done.touch()
     return str(d / "c_text_document")
 
 
