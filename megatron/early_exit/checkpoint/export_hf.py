@@ -23,8 +23,6 @@ import os
 import shutil
 from typing import Optional
 
-import torch
-
 from megatron.early_exit.checkpoint import format as fmt
 from megatron.early_exit.checkpoint.converted import DTYPES
 from megatron.early_exit.checkpoint.hf import EXIT_SECTION, TOKENIZER_FILES
