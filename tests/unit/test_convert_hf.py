@@ -1,9 +1,10 @@
 """HF <-> ours conversion, checked against transformers' own models on the same weights.
 
-- import of tiny random Llama (GQA, untied) and Qwen2 (QKV bias, tied) models: our logits equal
-  transformers' within 1e-5 (float32);
-- export: transformers loads the directory as LlamaForCausalLM / Qwen2ForCausalLM and computes
-  the original model's logits; ours -> HF -> ours is bit-identical, exits included;
+- import of tiny random Llama (GQA, untied), Qwen2 (QKV bias, tied) and Mistral models: our
+  logits equal transformers' within 1e-5 (float32); sharded safetensors and pytorch_model.bin
+  read the same; a vocabulary padded for TP keeps transformers' logits;
+- export (sharded, with its index): transformers loads the directory as LlamaForCausalLM /
+  Qwen2ForCausalLM and computes the original model's logits; ours -> HF -> ours is bit-identical, exits included;
 - add-exits with copied heads at threshold 0: every token after the first exits at the new exit
   and equals argmax(lm_head(norm(h_k))) of transformers' hidden state h_k (output_hidden_states);
 - the tokenizer (tokenizer.json + tokenizer_config.json with its chat template) is carried;
@@ -23,16 +24,21 @@ import torch
 VOCAB = 96
 
 
-def tiny_hf(kind: str, tied: bool, seed: int = 0):
-    """A random tiny transformers model (GQA: 6 heads, 2 KV heads) in eval mode."""
+def tiny_hf(kind: str, tied: bool, seed: int = 0, **overrides):
+    """A random tiny transformers model (GQA: 6 heads, 2 KV heads) in eval mode; ``overrides``
+    change config fields (e.g. vocab_size)."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
                   num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5,
                   tie_word_embeddings=tied, max_position_embeddings=64)
+    common.update(overrides)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=5000.0, **common))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            rope_theta=7000.0, sliding_window=None, **common))
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_theta=20000.0, **common))
     with torch.no_grad():
@@ -102,6 +108,31 @@ def test_import_matches_transformers(name, hf_dirs, tmp_path, single_rank_parall
     assert tok.tokenize("w3 w7") == [3, 7] and tok.eod == VOCAB - 1
 
 
+def test_mistral_sharded_bin_and_padded_vocab(tmp_path, single_rank_parallel):
+    """Mistral; sharded safetensors (index), pytorch_model.bin; a vocabulary of 95 imported at
+    TP=2 is padded to 96 rows and still computes transformers' 95 logits."""
+    from megatron.early_exit.checkpoint import load_full_state
+    from megatron.early_exit.checkpoint.hf import import_hf
+
+    model = tiny_hf("mistral", tied=False, vocab_size=95)
+    ids = IDS.clamp(max=94)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    os.makedirs(tmp_path / "bin")
+    model.config.save_pretrained(str(tmp_path / "bin"))
+    torch.save(model.state_dict(), str(tmp_path / "bin" / "pytorch_model.bin"))
+    import_hf(str(tmp_path / "sharded"), str(tmp_path / "a"), tp=2)
+    import_hf(str(tmp_path / "bin"), str(tmp_path / "b"), tp=2)
+    cfg_a, a = load_full_state(str(tmp_path / "a"))
+    _, b = load_full_state(str(tmp_path / "b"))
+    assert all(torch.equal(a[n], b[n]) for n in a) and a.keys() == b.keys()
+    assert (cfg_a["model"]["vocab_size"], cfg_a["model"]["tokenizer_vocab_size"]) == (96, 95)
+    got, _, _ = our_logits(str(tmp_path / "a"), ids)
+    assert (got[..., :95] - want).abs().max().item() < 1e-5
+
+
 def test_export_loads_in_transformers(hf_dirs, tmp_path, single_rank_parallel):
     import transformers
 
@@ -112,7 +143,8 @@ def test_export_loads_in_transformers(hf_dirs, tmp_path, single_rank_parallel):
                       ("qwen2", transformers.Qwen2ForCausalLM)):
         model, path = hf_dirs[name]
         import_hf(path, str(tmp_path / name))
-        export_hf(str(tmp_path / name), str(tmp_path / f"{name}_hf"))
+        export_hf(str(tmp_path / name), str(tmp_path / f"{name}_hf"), max_shard_bytes=40_000)
+        assert os.path.isfile(tmp_path / f"{name}_hf" / "model.safetensors.index.json")
         back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{name}_hf"))
         assert type(back) is cls
         with torch.no_grad():
