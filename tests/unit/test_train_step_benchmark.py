@@ -11,6 +11,8 @@ import importlib.util
 import math
 import os
 
+import torch
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "train_step.py")
 
 
@@ -22,7 +24,8 @@ def _load():
 
 
 def test_train_step_benchmark_tiny(single_rank_parallel, capsys):
-    out = _load().main(["--repeats", "2", "--warmup", "0"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU path needs a CPU-only machine
+    out = _load().main(["--device", device, "--variants", "a,b,c,d", "--repeats", "2", "--warmup", "0"])
     res, ratios = out["results"], out["ratios"]
     assert set(res) == set("abcd")
     for r in res.values():
