@@ -62,7 +62,7 @@ def write_checkpoint(root: str, chat_template: bool = True) -> str:
     if chat_template:
         path = os.path.join(tok_dir, "tokenizer_config.json")
         with open(path, "w") as f:
-            json.dump({"chat_template": CHATML, "eos_token": "\n"}, f)
+            json.dump({"chat_template": CHATML, "eos_token": "<|end|>"}, f)
         files.append(path)
     ckpt = os.path.join(root, "ckpt")
     save_checkpoint(ckpt, chunks, ctx, cfg, iteration=40, tokenizer_files=files)
@@ -139,7 +139,7 @@ def running_server(engine, tok, options=None, chat_template=None):
 def chatml():
     from megatron.early_exit.data.tokenizers.chat import ChatTemplate
 
-    return ChatTemplate(CHATML, {"eos_token": "\n"})
+    return ChatTemplate(CHATML, {"eos_token": "<|end|>"})
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,13 @@ def test_smollm2_template_matches_transformers(tmp_path):
             assert ours.render(msgs, add_generation_prompt=gen) == want[0]
     assert ours.render(MESSAGES[0]).endswith("<|im_start|>assistant\n")
 
+    class OneId:  # a tokenizer that knows <|im_end|> as one special id
+        def tokenize(self, text):
+            return [2] if text == "<|im_end|>" else [ord(c) for c in text]
+
+    assert ours.end_of_turn_ids(OneId()) == {2}
+    assert ChatTemplate("x", {"eos_token": "ab"}).end_of_turn_ids(OneId()) == frozenset()
+
 
 def test_missing_and_failing_templates(tmp_path):
     assert ChatTemplate.from_directory(str(tmp_path)) is None  # no tokenizer_config.json

@@ -118,6 +118,9 @@ class Upper:
     def render(self, messages):
         return "".join(m["content"].upper() for m in messages) + ":"
 
+    def end_of_turn_ids(self, tokenizer):
+        return frozenset(tokenizer.tokenize("\x01"))
+
 
 def test_build_requests_tokenizes_and_validates():
     cfg = fake_cfg(positions=32)
@@ -144,4 +147,4 @@ def test_build_requests_tokenizes_and_validates():
     chat = parse_chat(body(messages=[{"role": "user", "content": "hi"}]), D)
     assert pytest.raises(ProtocolError, build_requests, chat, TOK, cfg).value.field == "messages"
     (r,) = build_requests(chat, TOK, cfg, chat_template=Upper())
-    assert r.prompt == TOK.tokenize("HI:")
+    assert r.prompt == TOK.tokenize("HI:") and r.stop.stop_token_ids == {TOK.eod, 1}

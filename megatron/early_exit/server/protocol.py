@@ -443,7 +443,9 @@ def _mode_field(mode) -> str:
 def build_requests(job: Job, tokenizer, cfg, chat_template=None,
                    pipeline: bool = False) -> List[GenerationRequest]:
     """One validated GenerationRequest per (prompt, choice), in choice order (prompt-major).
-    ``chat_template``: an object with ``render(messages) -> str`` (chat jobs need one)."""
+    ``chat_template``: a ChatTemplate (``render(messages) -> str``, ``end_of_turn_ids``); chat
+    jobs need one. Every request stops at the tokenizer's eod, chat replies also at the
+    template's end-of-turn token."""
     prompt_field = front_field(job.kind, "prompt")
     texts = job.prompts
     if job.kind == "chat":
@@ -455,8 +457,10 @@ def build_requests(job: Job, tokenizer, cfg, chat_template=None,
         except Exception as e:  # noqa: BLE001 - a template may raise anything on odd input
             raise ProtocolError("messages", f"the chat template rejected them: {e}") from None
     ids = [p if isinstance(p, list) else tokenizer.tokenize(p) for p in texts]
-    stop = StopCriteria(stop_token_ids=frozenset(job.stop_token_ids) | {tokenizer.eod},
-                        stop_strings=job.stop_strings)
+    stop_ids = frozenset(job.stop_token_ids) | {tokenizer.eod}
+    if job.kind == "chat":  # a reply also ends at the template's end-of-turn token
+        stop_ids |= chat_template.end_of_turn_ids(tokenizer)
+    stop = StopCriteria(stop_token_ids=stop_ids, stop_strings=job.stop_strings)
     reqs = []
     for i, prompt in enumerate(ids):
         if not prompt:

@@ -7,6 +7,7 @@ messages into text::
     template = ChatTemplate.from_directory(tokenizer_dir)      # None when there is none
     text = template.render([{"role": "user", "content": "Hi"}])   # ends with the assistant cue
     ids = tokenizer.tokenize(text)
+    template.end_of_turn_ids(tokenizer)       # {id of eos_token}: where a reply ends
 
 Templates run in Jinja2's immutable sandbox (a template is data from a checkpoint, not code we
 trust) with the names HF templates use: ``messages``, ``add_generation_prompt``, ``bos_token``,
@@ -88,6 +89,13 @@ class ChatTemplate:
             with open(jinja, encoding="utf-8") as f:
                 config = dict(config, chat_template=f.read())
         return cls.from_config(config)
+
+    def end_of_turn_ids(self, tokenizer) -> frozenset:
+        """The id of the template's ``eos_token`` (e.g. ``<|im_end|>``) when it is one token of
+        ``tokenizer``: a chat reply ends there, which need not be the tokenizer's eod."""
+        text = self.special_tokens.get("eos_token")
+        ids = tokenizer.tokenize(text) if text else []
+        return frozenset(ids) if len(ids) == 1 else frozenset()
 
     def render(self, messages: List[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` ([{role, content}]), ending with the assistant cue."""
