@@ -64,6 +64,14 @@ def read_log(path):
     return records
 
 
+def last_logged_iteration(path) -> int:
+    """Highest training iteration in complete lines of a log that is still being written."""
+    if not Path(path).exists():
+        return 0
+    lines = Path(path).read_text().split("\n")[:-1]  # the last piece may be a partial line
+    return max((json.loads(line).get("iteration", 0) for line in lines if line.strip()), default=0)
+
+
 def launch(args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "pretrain_early_exit_gpt.py"), *args]
@@ -79,13 +87,13 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(corpus, tmp_path):
     subprocess.run(launch(train_args(corpus, ref_log, iters, ["--make-vocab-size-divisible-by", "16"])), check=True, env=ENV, capture_output=True)
     log, ckpt = tmp_path / "run.jsonl", tmp_path / "ckpt"
     args = train_args(corpus, log, iters, ["--make-vocab-size-divisible-by", "16", "--save", str(ckpt), "--save-interval", "3", "--load", str(ckpt)])
-    kill_after = random.Random(os.getpid()).randint(4, 9)
+    kill_after = random.Random(os.getpid()).randint(4, 8)
     proc = subprocess.Popen(launch(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and max(read_log(log), default=0) >= kill_after:
+        if last_logged_iteration(log) >= kill_after:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended on its own before it could be killed"
     tracker = ckpt / "latest_checkpointed_iteration.txt"
