@@ -1,6 +1,7 @@
 """protocol.py: request bodies -> validated GenerationRequests, errors naming the field (pure)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,7 +9,14 @@ from megatron.early_exit.data.tokenizers import ByteTokenizer
 from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
 from megatron.early_exit.server.protocol import (ProtocolError, ServerDefaults, build_requests,
                                                  parse_api, parse_chat, parse_completions)
-from tests.server.fake_scheduler import fake_cfg
+
+
+def fake_cfg(vocab=257, positions=256, layers=4, exits=(1, 2, 3)):
+    """The config fields validate_request reads (no model is built in these tests)."""
+    model = SimpleNamespace(num_tokens=vocab, vocab_size=vocab, max_position_embeddings=positions,
+                            num_layers=layers)
+    return SimpleNamespace(model=model, exits=SimpleNamespace(exit_layer_nums=list(exits)))
+
 
 D = ServerDefaults(max_tokens=16, model_name="m")
 TOK = ByteTokenizer()
