@@ -130,9 +130,17 @@ class FusedEngine(Engine):
         return self._static
 
 
+def fused_engine(model, cfg) -> Engine:
+    """``Engine(fast_decode="fused")`` once the engine offers it, else FusedEngine."""
+    try:
+        return Engine(model, cfg, fast_decode="fused")
+    except ValueError:
+        return FusedEngine(model, cfg, fast_decode="static")
+
+
 def generators(hf, cfg, model, new_tokens: int):
     """name -> fn(prompt ids) -> new token ids (batch 1, greedy)."""
-    static, fused = Engine(model, cfg, fast_decode="static"), FusedEngine(model, cfg, fast_decode="static")
+    static, fused = Engine(model, cfg, fast_decode="static"), fused_engine(model, cfg)
 
     def run_hf(prompt):
         ids = torch.tensor([prompt])
@@ -143,7 +151,12 @@ def generators(hf, cfg, model, new_tokens: int):
     def run_ours(engine):
         return lambda prompt: engine.generate([prompt], new_tokens, mode=FullDepth())[0].tokens
 
-    return {"transformers": run_hf, "ours static": run_ours(static), "ours fused": run_ours(fused)}
+    def run_fused(prompt):
+        tokens = run_ours(fused)(prompt)
+        assert fused._static is not None and fused._static.fused is not None, "fused step unused"
+        return tokens
+
+    return {"transformers": run_hf, "ours static": run_ours(static), "ours fused": run_fused}
 
 
 def bench(gens, prompts: List[List[int]], rounds: int):
