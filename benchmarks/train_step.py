@@ -16,8 +16,9 @@ H100/H200 default to 989 dense bf16), peak memory, the model FLOPs per token (fo
 trainer/metrics_log.py; the chunked loss computes its gradients in forward, so it executes the
 same matmuls as materialised logits), the first step's LM loss (the same weights and data give
 the same loss in every variant when no vocabulary padding is present; at the 1.3B shape
-megatron-core's model also scores the 47 padded ids of 50304, ours does not); then the ratios b/a measured and predicted by the FLOPs, c/a,
-and peak memory b/c and d/c (goal: b within 10% of c).
+megatron-core's model also scores the 47 padded ids of 50304, ours does not); then the ratios
+b/a measured and predicted by the FLOPs, c/a, and peak memory b/c and d/c (goal: b within 10%
+of c).
 
 Peak memory of a variant = what its build and first step leave allocated (weights, gradient
 buffers, optimizer state) + the largest extra allocation during one more step. CUDA:
@@ -306,7 +307,8 @@ def report(a, res: Dict[str, dict], out=sys.stdout) -> Dict[str, float]:
     for key, r in res.items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(f"{key} {NAMES[key]:36s} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.3f} "
-              f"{mfu} {r['peak_bytes'] / 2**20:9.1f} {r['flops'] / 1e9:12.5g} {r['step1_loss']:11.6f}", file=out)
+              f"{mfu} {r['peak_bytes'] / 2**20:9.1f} {r['flops'] / 1e9:12.5g} {r['step1_loss']:11.6f}",
+              file=out)
     ratios = {}
     if "a" in res and "b" in res:
         ratios["time b/a"] = res["b"]["ms"] / res["a"]["ms"]

@@ -33,7 +33,7 @@ def test_train_step_benchmark_tiny(single_rank_parallel, capsys):
         assert r["flops"] > 0
     loss_c = res["c"]["step1_loss"]
     for key in "abd":
-        assert math.isclose(res[key]["step1_loss"], loss_c, rel_tol=1e-5), (key, res[key]["step1_loss"], loss_c)
+        assert math.isclose(res[key]["step1_loss"], loss_c, rel_tol=1e-5), (key, res[key], loss_c)
     assert res["b"]["peak_bytes"] < res["d"]["peak_bytes"]
     assert ratios["FLOP-predicted b/a"] > 1.0 and "time b/a" in ratios
     printed = capsys.readouterr().out

@@ -90,8 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += (c * (sum_exp.log() - picked)).sum()
             if want_h or want_w:  # dL/dz = c (softmax - onehot) / T
                 g = e.mul_((c / (sum_exp * temperature))[:, None])
-                if g.shape[1]:
-                    g.scatter_add_(1, t.clamp(min=0)[:, None], (-(t >= 0).to(c.dtype) * c / temperature)[:, None])
+                if g.shape[1]:  # minus the label's c / T, where the label is on this rank
+                    onehot = (t >= 0).to(c.dtype) * c / temperature
+                    g.scatter_add_(1, t.clamp(min=0)[:, None], -onehot[:, None])
                 g = g.to(h.dtype)
                 if want_h:
                     grad_h[rows] = g @ w
