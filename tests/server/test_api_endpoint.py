@@ -76,3 +76,30 @@ def test_api_errors_name_megatron_fields(server):
         r = put(server, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
     assert httpx.post(server.url + "/api", json={"prompts": ["x"]}).status_code == 405
+
+
+def test_metrics_count_what_was_served(engine_tok):
+    with running_server(*engine_tok) as srv:
+        outs = [put(srv, prompts=["Hello there", "ab"], tokens_to_generate=9, temperature=0.0,
+                    early_exit_thres=0.4).json(),
+                httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                    "prompt": "To be", "max_tokens": 5, "stream": True}).text]
+        put(srv, prompts=["x"], tokens_to_generate=0)  # a 400
+        text = httpx.get(srv.url + "/metrics").text
+    layers = [layer for row in outs[0]["exit_layers"] for layer in row] + [4] * 5
+
+    def value(name):
+        import re
+
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+    assert value("ee_generated_tokens_total") == len(layers) == 23
+    assert value("ee_exit_layer_count") == len(layers) and value("ee_exit_layer_sum") == sum(layers)
+    for k in (1, 2, 3):
+        assert value(f'ee_exit_layer_bucket{{le="{k}.0"}}') == sum(x <= k for x in layers)
+    assert value('ee_requests_total{endpoint="api",status="200"}') == 1
+    assert value('ee_requests_total{endpoint="api",status="400"}') == 1
+    assert value('ee_requests_total{endpoint="completions",status="200"}') == 1
+    assert value("ee_time_to_first_token_seconds_count") == 2
+    assert value("ee_running_rows") == 0 and value("ee_queue_length") == 0
+    assert value("ee_tokens_per_second") > 0
