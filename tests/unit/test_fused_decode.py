@@ -163,3 +163,36 @@ def test_unsupported_layouts_are_refused(single_rank_parallel, monkeypatch):
     monkeypatch.setattr(model.config, "qk_layernorm", True)
     with pytest.raises(NotImplementedError, match="qk_layernorm"):
         check_supported(model, cfg)
+
+
+def test_fused_equals_transformers_llama(single_rank_parallel):
+    """transformers' own LlamaForCausalLM (GQA, tied, RoPE) with its weights copied into ours by
+    the benchmark's mapping: the fused step's logits equal transformers' full-sequence logits
+    (float64 weights; transformers computes the RoPE angles in float32, hence 1e-6)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.cpu_decode_peer import copy_hf_llama
+
+    conf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=32)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(conf).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # sharper attention, non-trivial norms
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(6.0)
+            elif "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    m = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=40, vocab_size=64, seq_length=32, architecture="llama",
+                    untie_embeddings_and_output_weights=False, rotary_base=500.0)
+    cfg = EarlyExitGPTConfig(model=m, params_dtype="float64", seed=5)
+    model = build(cfg, sharpen=1.0)
+    copy_hf_llama(hf, model, heads=4, groups=2)
+    _, _, prompts, new_tokens = case("llama", "float64")
+    got = decode_logits(model, cfg, True, prompts, new_tokens)
+    with torch.no_grad():
+        for r, (p, extra) in enumerate(zip(prompts, new_tokens)):
+            want = hf(torch.tensor([p + extra])).logits[0, len(p):]  # [STEPS, V]
+            torch.testing.assert_close(got[:, r], want, rtol=0, atol=1e-6)
