@@ -155,6 +155,9 @@ def _canonical(key: str, layer0: int, stage_exits: list) -> Optional[str]:
         return key
     m = re.match(r"^exit_output_layer\.(\d+)\.weight$", key)
     if m:
+        if int(m.group(1)) >= len(stage_exits):
+            raise fmt.CheckpointError(f"EE-LLM tensor language_model.{key}: this stage has only "
+                                      f"the exits {stage_exits} (args.exit_layer_nums)")
         return f"exits.{stage_exits[int(m.group(1))]}.output_layer.weight"
     m = re.match(r"^encoder\.(final_norm|final_layernorm)\.(weight|bias)$", key)
     if m:

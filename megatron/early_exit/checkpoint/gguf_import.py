@@ -62,10 +62,12 @@ def hf_config_from_gguf(reader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise fmt.CheckpointError(f"GGUF general.architecture={arch!r} is not supported (llama only)")
-    for key in reader.fields:
-        if key.startswith("llama.rope.scaling") or key.startswith("llama.expert"):
-            raise fmt.CheckpointError(f"GGUF {key}={_field(reader, key)!r} is not supported "
-                                      "(no rope scaling or experts here)")
+    for key in [k for k in reader.fields if k.startswith(("llama.rope.scaling", "llama.expert"))]:
+        value = _field(reader, key)
+        if key.startswith("llama.rope.scaling") and value in ("none", 1.0):
+            continue  # scaling switched off
+        raise fmt.CheckpointError(f"GGUF {key}={value!r} is not supported "
+                                  "(no rope scaling or experts here)")
     heads = int(_field(reader, "llama.attention.head_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
     rope_dim = _field(reader, "llama.rope.dimension_count", hidden // heads)

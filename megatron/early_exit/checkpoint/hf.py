@@ -85,9 +85,6 @@ def _check_supported(hf: dict) -> None:
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
         _refuse("head_dim", hf["head_dim"], "head_dim must be hidden_size / num_attention_heads")
-    if hf.get("attention_dropout", 0.0) or hf.get("pretraining_tp", 1) not in (1, None):
-        key = "attention_dropout" if hf.get("attention_dropout") else "pretraining_tp"
-        _refuse(key, hf[key], "it changes the model's function")
 
 
 def model_config_from_hf(hf: dict, seq_length: Optional[int] = None) -> dict:
