@@ -131,3 +131,42 @@ def test_full_queue_answers_429_at_once(engine_tok):
         assert results == [200, 200, 200]
         metrics = httpx.get(srv.url + "/metrics").text
         assert 'ee_requests_total{endpoint="completions",status="429"} 1.0' in metrics
+
+
+class FaultyOnce:
+    """The real Scheduler, except that one step() raises (a genuine engine fault)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.armed = scheduler, False
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+    def step(self):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("injected engine fault")
+        return self.scheduler.step()
+
+
+def test_engine_fault_is_a_logged_500_and_serving_goes_on(engine_tok, caplog):
+    from megatron.early_exit.server.runtime import build_app, make_scheduler
+    from tests.server.harness import serve
+
+    engine, tok = engine_tok
+    opts = ServeOptions()
+    faulty = FaultyOnce(make_scheduler(engine, tok, opts))
+    app, service = build_app(engine, tok, opts, scheduler=faulty)
+    try:
+        with serve(app) as url, caplog.at_level("ERROR"):
+            good = httpx.post(url + "/v1/completions", json=GOOD["/v1/completions"], timeout=60)
+            faulty.armed = True
+            r = httpx.post(url + "/v1/completions", json=GOOD["/v1/completions"], timeout=60)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "injected engine fault" in caplog.text and "Traceback" in caplog.text
+            again = httpx.post(url + "/v1/completions", json=GOOD["/v1/completions"], timeout=60)
+            assert again.status_code == 200
+            assert again.json()["choices"][0]["tokens"] == good.json()["choices"][0]["tokens"]
+            assert service.num_running == 0
+    finally:
+        service.stop()

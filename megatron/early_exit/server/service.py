@@ -181,8 +181,7 @@ class GenerationService:
                     self._finish(rid, err)
                 if self.scheduler.has_work:
                     self._step()
-                self.num_running = self.scheduler.num_running
-                self.num_waiting = self.scheduler.num_waiting
+                self._mirror()
         except Exception:  # noqa: BLE001 - a fault of the loop itself: fail everything, stop
             log.error("engine loop failed:\n%s", traceback.format_exc())
         finally:
@@ -209,6 +208,7 @@ class GenerationService:
             return
         if self.on_step is not None:
             self.on_step(updates, time.perf_counter() - start)
+        self._mirror()  # before the sinks: a finished request's client sees its row free
         for update in updates:
             with self._lock:
                 sink = self._sinks.get(update.request_id)
@@ -217,6 +217,10 @@ class GenerationService:
                     self._finish(update.request_id, update)
                 else:
                     sink(update)
+
+    def _mirror(self) -> None:
+        self.num_running = self.scheduler.num_running
+        self.num_waiting = self.scheduler.num_waiting
 
     def _finish(self, rid: str, final) -> None:
         with self._lock:
