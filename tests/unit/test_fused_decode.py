@@ -131,7 +131,7 @@ def test_broken_fused_variants_fail(broken, single_rank_parallel, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["llama", "gpt2-pre-exit-block"])
 def test_fused_engine_greedy_matches_reference(variant, single_rank_parallel):
-    """Through the engine (what ``fast_decode="fused"`` is to wire): greedy tokens of rows of
+    """Through the engine (``fast_decode="fused"``): greedy tokens of rows of
     different lengths equal the no-cache reference decoder's; the gpt2 variant has exit blocks,
     whose own KV caches share the cache buffers with the decoder layers'."""
     if variant == "llama":
@@ -140,13 +140,7 @@ def test_fused_engine_greedy_matches_reference(variant, single_rank_parallel):
         cfg = make_cfg(variant)
         model = build(cfg)
 
-    class FusedEngine(Engine):
-        def static_step(self, cache):
-            if self._static is None or self._static.cache is not cache:
-                self._static = StaticDecodeStep(self.model, self.cfg, cache, fused=True)
-            return self._static
-
-    engine = FusedEngine(model, cfg, fast_decode="static")
+    engine = Engine(model, cfg, fast_decode="fused")
     prompts = random_prompts(torch.Generator().manual_seed(4), 3, cfg.model.vocab_size, 1, 8)
     outs = engine.generate(prompts, 8, mode=FullDepth())
     assert engine._static.fused is not None and engine._static.logits is not None
