@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="Checkpoint directory.")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1).")
     p.add_argument("--port", type=int, default=5000, help="TCP port (default 5000).")
-    p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (all but /health). "
+    p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (all but /health and "
+                                     "the page at /). "
                                      "Default: $EE_API_KEY if set.")
     p.add_argument("--max-batch-size", type=int, default=8, help="Requests decoded together.")
     p.add_argument("--max-queue", type=int, default=64, help="Waiting requests before 429.")

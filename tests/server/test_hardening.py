@@ -95,7 +95,9 @@ def test_api_key(engine_tok):
     with running_server(*engine_tok, options=opts) as srv:
         c = httpx.Client(base_url=srv.url, timeout=30)
         assert c.get("/health").status_code == 200  # open without the key
-        for path in ("/v1/models", "/metrics", "/", "/info", "/nope"):
+        assert c.get("/").status_code == 200  # the static page: its API calls send the key
+        assert c.post("/").status_code == 401
+        for path in ("/v1/models", "/metrics", "/info", "/nope"):
             r = c.get(path)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         bad = c.post("/v1/completions", json=GOOD["/v1/completions"],

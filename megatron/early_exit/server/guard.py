@@ -2,8 +2,9 @@
 
     app = Guard(fastapi_app, api_key="secret", max_body_bytes=1 << 20)
 
-With an API key every path but ``/health`` needs ``Authorization: Bearer <key>``, compared in
-constant time (``hmac.compare_digest``). The body is read here, up to the limit, before the app
+With an API key every path but ``/health`` and the static page (``GET /``, which holds no data
+and sends the key its user types with each of its API calls) needs ``Authorization: Bearer
+<key>``, compared in constant time (``hmac.compare_digest``). The body is read here, up to the limit, before the app
 sees the request: a declared ``Content-Length`` over the limit is refused before reading, a
 chunked body as soon as it passes the limit. The buffered body is replayed to the app, after
 which ``receive`` is the server's again (so handlers still see a client disconnect).
@@ -42,7 +43,8 @@ class Guard:
         self._key = f"Bearer {api_key}".encode() if api_key else None
 
     def _authorized(self, scope) -> bool:
-        if self._key is None or scope.get("path") == "/health":
+        path = scope.get("path")
+        if self._key is None or path == "/health" or (path == "/" and scope.get("method") == "GET"):
             return True
         got = b""
         for name, value in scope.get("headers", ()):
