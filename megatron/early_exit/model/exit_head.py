@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -48,7 +48,7 @@ class ExitHead(MegatronModule):
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             config.hidden_size, vocab_size, config=config, init_method=config.init_method,
             bias=False, skip_bias_add=False, gather_output=False,
-            skip_weight_param_allocation=self.tied)
+            skip_weight_param_allocation=self.tied, tp_group=parallel_state.get_tensor_model_parallel_group())
 
     def transform(self, hidden: torch.Tensor, rotary: Optional[torch.Tensor]) -> torch.Tensor:
         """Everything before the output projection. [s, b, h] -> [s, b, h]."""

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.utils.checkpoint
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -80,7 +80,8 @@ class EarlyExitGPTModel(MegatronModule):
         if self.pre_process:
             self.embedding = LanguageModelEmbedding(
                 config, m.vocab_size, m.max_position_embeddings,
-                position_embedding_type=m.position_embedding_type)
+                position_embedding_type=m.position_embedding_type,
+                tp_group=parallel_state.get_tensor_model_parallel_group())
         spec = TransformerBlockSubmodules(
             layer_specs=[layer_spec(cfg)] * len(self.placement.layers),
             layer_norm=ModuleSpec(module=Norm))
@@ -104,7 +105,8 @@ class EarlyExitGPTModel(MegatronModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, m.vocab_size, config=config, init_method=config.init_method,
                 bias=False, gather_output=False,
-                skip_weight_param_allocation=not m.untie_embeddings_and_output_weights)
+                skip_weight_param_allocation=not m.untie_embeddings_and_output_weights,
+                tp_group=parallel_state.get_tensor_model_parallel_group())
         self._exit_index = {layer: i for i, layer in enumerate(cfg.exits.exit_layer_nums)}
         mark_tensor_parallel_params(self)
 
