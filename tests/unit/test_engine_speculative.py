@@ -113,7 +113,8 @@ def test_rejection_sampling_keeps_full_distribution(single_rank_parallel):
     broken = _draft_only_joint(model, prompt, params, vocab, exit_layer)
     assert ((broken - exact).abs() > 2 * eps).any(), "no power against a broken acceptance rule"
     engine = Engine(model, cfg)
-    sp = SamplingParams(temperature=0.9, top_k=3, seed=2024)
+    # N independent rows: each row samples with its own generator, so each gets its own seed
+    sp = [SamplingParams(temperature=0.9, top_k=3, seed=2024 + i) for i in range(N)]
     outs = engine.generate([prompt] * N, 4, sampling=sp, mode=SelfSpeculative(exit_layer, 2))
     toks = torch.tensor([o.tokens for o in outs])  # [N, 4]
     counts = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)

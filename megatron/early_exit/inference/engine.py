@@ -341,22 +341,27 @@ class Session:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> Dict[int, List[int]]:
-        """Prefill the rows added since the last step, or one decoding step (one pass, or one
-        self-speculative cycle) of every live row; returns {row: kept new tokens}."""
+        """Prefill the rows added since the last step (their first token), and one decoding
+        step (one pass, or one self-speculative cycle) of the rows that were already live;
+        returns {row: kept new tokens}."""
+        old = list(self.live)
+        new: Dict[int, List[int]] = {}
         if self.waiting:
             rows, self.waiting = sorted(self.waiting), []
             prompts = [self.rows[r].request.prompt for r in rows]
             res = self.runner.prefill(rows, self.states, prompts, self.exits)
             self.stats["passes"] += 1
             self.live = sorted(self.live + rows)
-            return self._single_token_step(rows, res)
-        if not self.live:
-            return {}
+            new.update(self._single_token_step(rows, res))
+        if old:
+            new.update(self._decode(old))
+        return new
+
+    def _decode(self, rows: List[int]) -> Dict[int, List[int]]:
         if isinstance(self.mode, SelfSpeculative):
             from megatron.early_exit.inference.speculative import speculative_step
 
-            return speculative_step(self)
-        rows = list(self.live)
+            return speculative_step(self, rows)
         capped = []
         if isinstance(self.mode, EarlyExit):
             capped = [r for r in rows if len(self.states[r].pend) >= self.mode.max_pending]

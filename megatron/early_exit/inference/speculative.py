@@ -32,10 +32,10 @@ from megatron.early_exit.inference.sampling import (processed_probs, speculative
 __all__ = ["speculative_step"]
 
 
-def speculative_step(sess) -> Dict[int, List[int]]:
-    """One draft-verify-accept cycle of every live row of ``sess`` (an engine Session)."""
+def speculative_step(sess, rows: List[int]) -> Dict[int, List[int]]:
+    """One draft-verify-accept cycle of ``rows`` (live rows of ``sess``, an engine Session)."""
     mode, cfg = sess.mode, sess.cfg
-    rows = list(sess.live)
+    rows = list(rows)
     start = [sess.states[r].newest for r in rows]
     drafts = _draft(sess, rows)
     block = sess.engine.model.exits[str(mode.exit_layer)].block is not None
