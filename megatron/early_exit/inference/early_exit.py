@@ -7,7 +7,8 @@ for positions ``full .. newest-1``, the *depth* each reached (layers computed, n
 along positions) and the hidden state at that depth (in a small ring buffer, ``store``). A
 pending token joins the pass at its own depth, so the pass carries at layer ``j`` exactly the
 positions whose KV layer ``j`` lacks: every layer's cache stays a prefix of the row and, after
-a pass that reaches the final head, equals a fresh prefill over the same ids (DESIGN §5).
+a pass that reaches the final head, equals a fresh prefill over the same ids
+(tests/unit/test_engine_kv_cache.py).
 
 Exit rule (:class:`ExitPoint`): the exit after layer ``k`` (post-exit: depth ``k``;
 ``--pre-exit``: depth ``k-1``) computes the confidence c of the newest token (max softmax

@@ -34,6 +34,19 @@ def load_model_weights(model, full_state: dict, tp_rank: int, tp_size: int) -> N
         param.copy_(shard(full_state[names[local]], spec, tp_rank, tp_size).to(param.dtype))
 
 
+def _repad_for_tp(load_dir, iteration, config, full_state, tp: int) -> None:
+    """Pad (or trim the padding of) the vocabulary rows to what TP=``tp`` needs: padded
+    columns never enter a softmax, so the model is the same function at every size."""
+    from megatron.early_exit.checkpoint.load import read_checkpoint_metadata
+    from megatron.early_exit.checkpoint.reshard import repad_vocab, target_vocab_size
+
+    meta = read_checkpoint_metadata(load_dir, iteration)
+    if config["model"].get("tokenizer_vocab_size") is None:  # unpadded: every row is a token
+        config["model"]["tokenizer_vocab_size"] = config["model"]["vocab_size"]
+        meta["config"]["model"]["tokenizer_vocab_size"] = config["model"]["vocab_size"]
+    repad_vocab(config, {n: {} for n in full_state}, full_state, None, target_vocab_size(meta, tp))
+
+
 def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[int] = None,
                        tensor_model_parallel_size: int = 1, dtype: Optional[str] = None,
                        pipeline_model_parallel_size: int = 1, with_context: bool = False):
@@ -46,6 +59,8 @@ def load_for_inference(load_dir: str, device: torch.device, iteration: Optional[
 
     ensure_process_group()
     config, full_state = load_full_state(load_dir, iteration)
+    if config["model"]["vocab_size"] % tensor_model_parallel_size:
+        _repad_for_tp(load_dir, iteration, config, full_state, tensor_model_parallel_size)
     cfg = config_from_dict(config)
     parallel = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                               pipeline_model_parallel_size=pipeline_model_parallel_size,

@@ -1,6 +1,6 @@
 """An exit head: hidden states after (or before) a backbone layer -> vocab-parallel logits.
 
-Structure, composable by flags (DESIGN.md §3), applied in this order:
+Structure, composable by flags (docs/design.md), applied in this order:
 
     h = x                                   # [s, b, h] (sequence-split under SP)
     if --use-exit-block: h = block(h)       # a whole transformer layer with its own KV cache
