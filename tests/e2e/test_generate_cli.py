@@ -13,7 +13,7 @@ import torch
 
 from tests.distributed_harness import free_port
 
-from tests.e2e.test_pretrain_cli import ENV, ROOT, launch, train_args
+from tests.e2e.test_pretrain_cli import ENV, ROOT, corpus, launch, train_args  # noqa: F401
 
 
 def _generate_module():
@@ -24,7 +24,7 @@ def _generate_module():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(corpus, tmp_path_factory):
+def checkpoint(corpus, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("ckpt")
     args = train_args(corpus, d / "log.jsonl", 8, ["--save", str(d / "ckpt")])
     subprocess.run(launch(args), check=True, env=ENV, capture_output=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_pretrain_cli import ENV, launch
+from tests.e2e.test_pretrain_cli import ENV, corpus, launch  # noqa: F401
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "2e-3", "--log-interval", "1",
