@@ -86,6 +86,9 @@ def check_supported(model, cfg) -> None:
         for name in ("q_layernorm", "k_layernorm"):
             if not isinstance(getattr(att, name, None), (IdentityOp, type(None))):
                 raise NotImplementedError(f"fused decode: layer {i} has a {name}")
+    if not isinstance(model.decoder.final_layernorm, Norm):
+        raise NotImplementedError("fused decode: the final layernorm is "
+                                  f"{type(model.decoder.final_layernorm).__name__}, expected Norm")
 
 
 def _norm_fn(norm: Norm) -> Callable[[torch.Tensor], torch.Tensor]:
