@@ -102,17 +102,18 @@ def main(argv=None) -> None:
     import torch
     import uvicorn
 
+    from megatron.early_exit.checkpoint.format import CheckpointError
     from megatron.early_exit.inference.loading import load_engine
     from megatron.early_exit.server.runtime import serve_ranks
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         engine, tokenizer = load_engine(args.load, device,
                                         tensor_model_parallel_size=args.tensor_model_parallel_size,
                                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                         dtype=args.dtype, fast_decode=args.fast_decode)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         raise blame("--load", e) from None
     if tokenizer is None:
         raise UsageError("--load", f"{args.load} holds no tokenizer files")
