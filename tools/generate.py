@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="Sampling seed.")
     p.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--early-exit-thres", type=float, help="Confidence threshold tau for early exit.")
+    mode.add_argument("--early-exit-thres", type=float,
+                      help="Confidence threshold tau for early exit (default: the checkpoint's "
+                           "calibrated default if it has one, else full depth).")
     mode.add_argument("--no-early-exit", action="store_true", help="Full-depth decoding.")
     mode.add_argument("--self-speculative", action="store_true", help="Lossless self-speculative decoding.")
     p.add_argument("--exit-layers", type=int, nargs="*", help="Exits allowed to fire (default: all).")
@@ -82,10 +84,28 @@ def make_mode(args, cfg):
             raise UsageError("--self-speculative", "needs a model with exits (--draft-exit)")
         return SelfSpeculative(exit_layer=layer, num_draft=4 if args.draft_length is None
                                else args.draft_length, draft_threshold=args.draft_threshold or 0.0)
-    if args.no_early_exit or args.early_exit_thres is None:
+    if args.no_early_exit:
         return FullDepth()
+    if args.early_exit_thres is None:
+        return serving_default(args.load, args.load_iteration)
     return EarlyExit(threshold=args.early_exit_thres,
                      exit_layers=tuple(args.exit_layers) if args.exit_layers else None)
+
+
+def serving_default(load_dir, iteration):
+    """The checkpoint's serving default (tools/calibrate_threshold.py --write-default), else
+    full depth."""
+    from megatron.early_exit.checkpoint.serving import serving_defaults
+    from megatron.early_exit.inference.modes import EarlyExit, FullDepth
+
+    d = serving_defaults(load_dir, iteration)
+    if not d:
+        return FullDepth()
+    layers = d.get("exit_layers")
+    print(f"early exit at the checkpoint's calibrated default tau={d['early_exit_thres']}"
+          + (f", exits {layers}" if layers else ""), file=sys.stderr)
+    return EarlyExit(threshold=float(d["early_exit_thres"]),
+                     exit_layers=tuple(layers) if layers else None)
 
 
 def check_layout(args) -> None:
@@ -130,6 +150,8 @@ def main(argv=None) -> list:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fast_decode in ("cuda_graph", "compile") and device.type != "cuda":
         raise UsageError("--fast-decode", f"{args.fast_decode} needs a CUDA device (use static on CPU)")
+    if args.fast_decode == "fused" and args.tensor_model_parallel_size > 1:
+        raise UsageError("--fast-decode", "fused covers TP = 1 only (use static)")
     if args.fast_decode and args.pipeline_model_parallel_size > 1:
         raise UsageError("--fast-decode", "is not supported with --pipeline-model-parallel-size > 1")
     if not Path(args.load).is_dir():

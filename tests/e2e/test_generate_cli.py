@@ -68,6 +68,30 @@ def test_generate_cli_json_and_modes(checkpoint, capsys, single_rank_parallel):
             tool.main(base + ["--no-early-exit", "--fast-decode", "cuda_graph"])
 
 
+def test_generate_uses_the_calibrated_default(checkpoint, tmp_path, capsys, single_rank_parallel):
+    """No mode flag: the checkpoint's serving default (calibrate_threshold --write-default)
+    applies; it equals passing the same --early-exit-thres."""
+    import shutil
+
+    from megatron.early_exit.checkpoint.serving import set_serving_defaults
+    from megatron.early_exit.parallel.state import destroy_parallel
+
+    tool = _generate_module()
+    copy = str(tmp_path / "calibrated")
+    shutil.copytree(checkpoint, copy)
+    base = ["--load", copy, "--prompt", "ROMEO:", "--tokens-to-generate", "12", "--json",
+            "--device", "cpu"]
+    plain = tool.main(base)
+    destroy_parallel()
+    set_serving_defaults(copy, 0.0)
+    calibrated = tool.main(base)
+    destroy_parallel()
+    explicit = tool.main(base + ["--early-exit-thres", "0.0"])
+    assert "calibrated default tau=0.0" in capsys.readouterr().err
+    assert calibrated == explicit
+    assert set(plain[0]["exit_layers"]) == {4} and min(calibrated[0]["exit_layers"]) < 4
+
+
 def _torchrun(checkpoint, layout_flag, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), str(ROOT / "tools/generate.py"), "--load", checkpoint,

@@ -74,6 +74,13 @@ class Engine:
             raise ValueError("build the inference model with sequence_parallel=False")
         if fast_decode not in FAST_DECODE:
             raise ValueError(f"fast_decode must be one of {FAST_DECODE}, got {fast_decode!r}")
+        if fast_decode == "fused":
+            from megatron.early_exit.inference.fused_decode import check_supported
+
+            try:
+                check_supported(model, cfg)
+            except NotImplementedError as e:
+                raise ValueError(f"fast_decode='fused' does not cover this model: {e}") from None
         self.model, self.cfg = model.eval(), cfg
         self.pipelined = not (model.pre_process and model.post_process)
         self.drives = model.pre_process  # this rank runs sessions (stage 0)
