@@ -41,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="Model name in the OpenAI API "
                                                              "(default: the --load folder name).")
     p.add_argument("--early-exit-thres", type=float, help="Server-wide default tau (requests may "
-                                                          "override; default: full depth).")
+                                                          "override; default: the checkpoint's "
+                                                          "calibrated default if it has one "
+                                                          "(tools/calibrate_threshold.py "
+                                                          "--write-default), else full depth).")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="Weights dtype.")
-    p.add_argument("--fast-decode", choices=["static", "cuda_graph", "compile"],
-                   help="Static-shape decode steps (see tools/generate.py).")
     return p
 
 
@@ -87,8 +88,17 @@ def options_of(args, pipeline: bool):
     from megatron.early_exit.server.runtime import ServeOptions
 
     name = args.served_model_name or os.path.basename(os.path.abspath(args.load))
-    defaults = ServerDefaults(max_tokens=args.max_tokens, early_exit_thres=args.early_exit_thres,
-                              model_name=name)
+    tau, layers = args.early_exit_thres, None
+    if tau is None:
+        from megatron.early_exit.checkpoint.serving import serving_defaults
+
+        saved = serving_defaults(args.load) or {}
+        tau, layers = saved.get("early_exit_thres"), saved.get("exit_layers")
+        if tau is not None:
+            print(f"default tau={tau}" + (f", exits {layers}" if layers else "")
+                  + ": the checkpoint's calibrated serving default", flush=True)
+    defaults = ServerDefaults(max_tokens=args.max_tokens, early_exit_thres=tau, model_name=name,
+                              exit_layers=tuple(layers) if layers else None)
     server = ServerConfig(defaults=defaults, api_key=args.api_key or os.environ.get("EE_API_KEY"),
                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
                           pipeline=pipeline)
@@ -112,7 +122,7 @@ def main(argv=None) -> None:
         engine, tokenizer = load_engine(args.load, device,
                                         tensor_model_parallel_size=args.tensor_model_parallel_size,
                                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                                        dtype=args.dtype, fast_decode=args.fast_decode)
+                                        dtype=args.dtype)
     except (FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         raise blame("--load", e) from None
     if tokenizer is None:

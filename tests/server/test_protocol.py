@@ -49,6 +49,11 @@ def test_api_fields_megatron_names():
     server_tau = ServerDefaults(early_exit_thres=0.6)
     assert parse_api(body(prompts=["a"]), server_tau).mode == EarlyExit(threshold=0.6)
     assert parse_api(body(prompts=["a"], use_early_exit=False), server_tau).mode == FullDepth()
+    calibrated = ServerDefaults(early_exit_thres=0.6, exit_layers=(2,))  # the checkpoint's default
+    assert parse_api(body(prompts=["a"]), calibrated).mode == EarlyExit(threshold=0.6, exit_layers=(2,))
+    assert parse_api(body(prompts=["a"], exit_layers=[1]), calibrated).mode == EarlyExit(
+        threshold=0.6, exit_layers=(1,))
+    assert parse_api(body(prompts=["a"], early_exit_thres=0.3), calibrated).mode == EarlyExit(threshold=0.3)
 
 
 @pytest.mark.parametrize("raw,field", [

@@ -60,6 +60,7 @@ class ServerDefaults:
     max_tokens: int = 64
     early_exit_thres: Optional[float] = None  # None: full depth unless the request asks
     model_name: str = "early-exit-gpt"
+    exit_layers: Optional[tuple] = None  # exits the default tau uses (None: all)
 
 
 @dataclass
@@ -234,8 +235,8 @@ def _mode(body, defaults: ServerDefaults, use_early_exit=None):
         return FullDepth()
     if thres is None and (use_early_exit or layers is not None):
         thres = defaults.early_exit_thres if defaults.early_exit_thres is not None else 0.8
-    if thres is None:
-        thres = defaults.early_exit_thres
+    if thres is None and layers is None and defaults.early_exit_thres is not None:
+        thres, layers = defaults.early_exit_thres, defaults.exit_layers  # the server's default
     if thres is None:
         return FullDepth()
     return EarlyExit(threshold=thres, exit_layers=layers)
