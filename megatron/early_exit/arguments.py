@@ -207,6 +207,8 @@ def with_checkpoint_args(a: argparse.Namespace, meta: dict) -> argparse.Namespac
     values.update({f: exits[f] for f in _EXIT_FIELDS if f in exits})
     run = meta.get("args") or {}  # the saving run's RunConfig
     values.update({f: run[f] for f in _RUN_FIELDS if f in run})
+    if a.seq_length is not None:  # a given --seq-length is the run's training length: it wins
+        values.pop("seq_length", None)
     if "add_bias_linear" in model:
         values["disable_bias_linear"] = not model["add_bias_linear"]
     if model.get("init_num_layers"):

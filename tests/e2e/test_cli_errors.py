@@ -182,3 +182,5 @@ def test_use_checkpoint_args_rebuilds_the_saved_model_config():
                  "untie_exit_output_weights"):
         assert getattr(again.model.exits, name) == getattr(saved.model.exits, name), name
     assert again.run.make_vocab_size_divisible_by == 64 and again.train.lr == 5e-4
+    short = parse_args(["--use-checkpoint-args", "--load", "ckpt", "--seq-length", "12"])
+    assert configs_from_args(with_checkpoint_args(short, meta), 1, 320).model.model.seq_length == 12
