@@ -118,3 +118,14 @@ def test_generate_under_torchrun_prints_what_one_process_prints(checkpoint, caps
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size"):
         assert _torchrun(checkpoint, flag, extra) == want, flag
 
+
+
+def test_demo_showcase_fits_the_model_positions(checkpoint, capsys, single_rank_parallel):
+    """make demo's generation step on a checkpoint whose positions (32) are fewer than the
+    tokens it asks for: every prompt gets what is left of them, every mode runs."""
+    from megatron.early_exit.inference.demo import early_exit_showcase
+
+    early_exit_showcase(checkpoint, tokens=64, thresholds=(0.5, 0.3, 0.1), repeats=1)
+    out = capsys.readouterr().out
+    for row in ("full depth", "early exit tau=0.3", "self-speculative (exit 1)", "exit-layer histogram"):
+        assert row in out, out

@@ -17,9 +17,14 @@ PROMPTS = ["ROMEO:\n", "First Citizen:\nBefore we proceed any further, ", "KING 
 
 
 def _run(engine, ids, tokens, mode, detok, stop):
-    """Batch 1, prompt after prompt (a batched pass runs until its deepest row is done)."""
+    """Batch 1, prompt after prompt (a batched pass runs until its deepest row is done); each
+    prompt gets ``tokens`` new tokens, or what is left of the model's positions."""
+    from megatron.early_exit.inference.requests import max_positions
+
+    limit = max_positions(engine.cfg)
     start = time.perf_counter()
-    outs = [engine.generate([p], tokens, mode=mode, detokenize=detok, stop=stop)[0] for p in ids]
+    outs = [engine.generate([p], min(tokens, limit - len(p)), mode=mode, detokenize=detok,
+                            stop=stop)[0] for p in ids]
     return outs, time.perf_counter() - start
 
 
@@ -40,7 +45,10 @@ def early_exit_showcase(ckpt: str, tokens: int = 96, thresholds=(0.8, 0.5, 0.3),
 
     model, cfg, tok = load_for_inference(ckpt, torch.device("cpu"))
     engine = Engine(model, cfg)
-    ids = [tok.tokenize(p) for p in PROMPTS]
+    from megatron.early_exit.inference.requests import max_positions
+
+    keep = max_positions(cfg) // 2  # a prompt keeps at most half the positions (its end)
+    ids = [tok.tokenize(p)[-keep:] for p in PROMPTS]
     stop = StopCriteria(stop_token_ids=frozenset({tok.eod}))
     L = cfg.model.num_layers
     modes = [("full depth", FullDepth())] + [(f"early exit tau={t}", EarlyExit(threshold=t)) for t in thresholds]
