@@ -10,7 +10,8 @@
 # folder, or set FRESH=1, to redo everything); the reports are always recomputed. Settings
 # (environment): EXITS ("8 15 22"), HEAD ("--use-exit-norm"; e.g. "--use-exit-norm
 # --use-exit-mlp"), ITERS (150), LR (3e-2), SEQ (128), MICRO_BATCH (2), THRESHOLDS for the
-# measured speed rows, BENCH_TOKENS (32), OMP_NUM_THREADS (2). The numbers this printed on a
+# measured speed rows ("0.9 0.5 0.3"), BENCH_TOKENS (16), BENCH_PROMPTS (1), BENCH_ROUNDS (3),
+# OMP_NUM_THREADS (2). The numbers this printed on a
 # 2-core machine are in docs/ee_tuning.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,8 +24,10 @@ ITERS=${ITERS:-150}
 LR=${LR:-3e-2}
 SEQ=${SEQ:-128}
 MICRO_BATCH=${MICRO_BATCH:-2}
-THRESHOLDS=${THRESHOLDS:-"0.9 0.8 0.7 0.6 0.5 0.4 0.3"}
-BENCH_TOKENS=${BENCH_TOKENS:-32}
+THRESHOLDS=${THRESHOLDS:-"0.9 0.5 0.3"}
+BENCH_TOKENS=${BENCH_TOKENS:-16}
+BENCH_PROMPTS=${BENCH_PROMPTS:-1}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 HELD_OUT="hamlet macbeth tempest"
 TRAIN="alls_well_that_ends_well antony_and_cleopatra as_you_like_it coriolanus cymbeline
@@ -87,7 +90,8 @@ rm -rf "$OUT/hf"  # the backbone for transformers' rows: ours -> HF (exits ride 
     --save-dir "$OUT/hf"
 # shellcheck disable=SC2086
 "$PY" benchmarks/ee_tuning_bench.py --load "$OUT/tuned" --hf-dir "$OUT/hf" \
-    --data "$OUT/heldout.jsonl" --prompts 2 --new-tokens "$BENCH_TOKENS" --rounds 1 \
+    --data "$OUT/heldout.jsonl" --prompts "$BENCH_PROMPTS" --new-tokens "$BENCH_TOKENS" \
+    --rounds "$BENCH_ROUNDS" \
     --thresholds $THRESHOLDS --json "$OUT/bench.json" --calibration "$OUT/calibration.json" \
     --plot "$OUT/speedup.png"
 echo; echo "done ($(date -u +%H:%M:%S)): $OUT/{exit_report,calibration,bench}.json, $OUT/speedup.png"
