@@ -57,6 +57,12 @@ def test_hf_to_ee_to_hf_and_add_exits(tmp_path, capsys, single_rank_parallel):
     code, err = run("add_exits", ["--load-dir", ex, "--save-dir", str(tmp_path / "x"),
                                   "--exit-layer-nums", "2", "--use-exit-norm"], capsys)
     assert code == 2 and err.startswith("error: --exit-layer-nums") and "already" in err, err
+    before = sorted(os.listdir(back))
+    for tool, argv in (("add_exits", ["--load-dir", ee, "--save-dir", back, "--exit-layer-nums", "1"]),
+                       ("convert", ["--source-format", "ee", "--load-dir", ee, "--save-dir", back])):
+        code, err = run(tool, argv, capsys)  # a non-empty --save-dir is never overwritten
+        assert code == 2 and err.startswith("error: --save-dir") and "not empty" in err, err
+    assert sorted(os.listdir(back)) == before
 
 
 @pytest.mark.parametrize("argv,flag,words", [

@@ -52,6 +52,9 @@ def main(argv=None) -> int:
 
     if os.path.abspath(a.load_dir) == os.path.abspath(a.save_dir):
         raise UsageError("--save-dir", "must differ from --load-dir")
+    if os.path.isdir(a.save_dir) and os.listdir(a.save_dir):
+        raise UsageError("--save-dir", f"{a.save_dir} is not empty: choose a new directory "
+                         "(nothing is overwritten)")
     try:
         path = add_exits(a.load_dir, a.save_dir, a.exit_layer_nums, a.use_exit_norm,
                          a.use_exit_mlp, a.use_exit_block, a.pre_exit, a.untie, a.random_init,

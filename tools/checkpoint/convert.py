@@ -77,6 +77,9 @@ def check_args(a) -> None:
         raise UsageError("--load-file" if a.load_file else "--load-dir", f"{src} does not exist")
     if os.path.abspath(src) == os.path.abspath(a.save_dir):
         raise UsageError("--save-dir", "must differ from the source")
+    if os.path.isdir(a.save_dir) and os.listdir(a.save_dir):
+        raise UsageError("--save-dir", f"{a.save_dir} is not empty: choose a new directory "
+                         "(nothing is overwritten)")
     for flag, value in (("--target-tensor-parallel-size", a.target_tensor_parallel_size),
                         ("--target-pipeline-parallel-size", a.target_pipeline_parallel_size)):
         if value < 1:
