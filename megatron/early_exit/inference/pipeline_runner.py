@@ -173,7 +173,8 @@ class PipelineRunner:
                 conf_dtype = torch.promote_types(logits.dtype, torch.float32)
                 layer, conf = int(flags[i, 1]), flags[i, 2:3].to(conf_dtype)
                 out.record(open_rows, [i], logits[j:j + 1], conf, layer, {})
-            open_rows = [r for i, r in enumerate(open_rows) if i not in set(decided)]
+            gone = set(decided)
+            open_rows = [r for i, r in enumerate(open_rows) if i not in gone]
         if open_rows:
             raise RuntimeError(f"no pipeline stage decided rows {open_rows} (the last stage must)")
         for r in rows:
