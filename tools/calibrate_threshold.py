@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     p.add_argument("--exit-sets", choices=("all", "each", "every"), default="all",
                    help="Which exits may fire: all of them; also each one alone; every subset.")
-    p.add_argument("--confidence", choices=("max_prob", "margin"), default="max_prob")
+    p.add_argument("--confidence", choices=("max_prob", "margin", "classifier"), default="max_prob",
+                   help="classifier: the exits' fitted classifiers (tools/fit_exit_classifier.py).")
     p.add_argument("--measure-speed", type=int, default=0, metavar="N",
                    help="Also decode N new tokens per row with the engine and report tokens/s.")
     p.add_argument("--speed-prompts", type=int, default=2, help="Prompts for --measure-speed.")
@@ -88,26 +89,6 @@ def check_args(a) -> None:
         raise UsageError("--data", f"{a.data} does not exist")
 
 
-def read_documents(path: str, key: str, limit: int) -> list:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UsageError("--data", f"{path}:{n} is not JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise UsageError("--text-key", f"{path}:{n} has no string field {key!r}")
-            docs.append(record[key])
-            if len(docs) >= limit:
-                break
-    if not docs:
-        raise UsageError("--data", f"{path} holds no documents")
-    return docs
-
-
 # ------------------------------------------------------------------------------ statistics
 def _head_stats(logits, targets, kind: str):
     """logits [s, V] (float32), targets [s] -> (confidence, argmax, cross-entropy), each [s]."""
@@ -124,48 +105,49 @@ def _head_stats(logits, targets, kind: str):
 
 
 def collect(model, cfg, tokenizer, docs, window: int, max_tokens: int, kind: str) -> dict:
-    """Per-position statistics of every exit ([E, N]) and of the final head ([N])."""
+    """Per-position statistics of every exit ([E, N]) and of the final head ([N]). Kind
+    ``classifier``: an exit's confidence is its classifier's score of the head state."""
     import torch
+
+    from megatron.early_exit.inference.teacher_forced import forward_windows
 
     layers, n_tok = list(cfg.exits.exit_layer_nums), cfg.model.num_tokens
     conf, pred, ce = ([[] for _ in layers] for _ in range(3))
-    final_pred, final_ce, seen = [], [], 0
-    for text in docs:
-        ids = tokenizer.tokenize(text)
-        for start in range(0, max(len(ids) - 1, 0), window):
-            chunk = ids[start:start + window + 1]
-            if len(chunk) < 2 or seen >= max_tokens:
-                continue
-            x = torch.tensor([chunk[:-1]])
-            y = torch.tensor(chunk[1:])
-            with torch.no_grad():
-                out = model(input_ids=x, return_logits=True)  # logits [s, 1, V_padded]
-            _, fp, fc = _head_stats(out.final_logits[:, 0, :n_tok], y, kind)
-            final_pred.append(fp)
-            final_ce.append(fc)
-            for i, k in enumerate(layers):
-                c, p, e = _head_stats(out.exit_logits[k][:, 0, :n_tok], y, kind)
-                conf[i].append(c)
-                pred[i].append(p)
-                ce[i].append(e)
-            seen += len(y)
-    if not final_pred:
-        raise UsageError("--data", "no document has two tokens or more")
+    final_pred, final_ce = [], []
+    scored = kind == "classifier"
+    for out, y in forward_windows(model, tokenizer, docs, window, max_tokens, exit_states=scored):
+        _, fp, fc = _head_stats(out.final_logits[:, 0, :n_tok], y, kind)
+        final_pred.append(fp)
+        final_ce.append(fc)
+        for i, k in enumerate(layers):
+            c, p, e = _head_stats(out.exit_logits[k][:, 0, :n_tok], y, kind)
+            if scored:
+                with torch.no_grad():
+                    c = model.exits[str(k)].score(out.exit_states[k][:, 0])  # [s]
+            conf[i].append(c)
+            pred[i].append(p)
+            ce[i].append(e)
     stack = lambda rows: torch.stack([torch.cat(r) for r in rows])  # noqa: E731
     return {"layers": layers, "conf": stack(conf), "pred": stack(pred), "ce": stack(ce),
             "final_pred": torch.cat(final_pred), "final_ce": torch.cat(final_ce)}
 
 
-def costs(cfg) -> dict:
-    """Multiply-adds per token of one backbone layer, one exit head, the final head."""
+def costs(cfg, kind: str = "max_prob") -> dict:
+    """Multiply-adds per token of one backbone layer, of an exit a token passes without leaving
+    (``exit_test``) and of the exit it leaves at (``exit_head``), and of the final head. With
+    max-prob or margin confidence the test is the whole head; a classifier tests the head's
+    transformed state (its norm, MLP or block) for ``hidden`` more, and only the leaving exit
+    pays the vocabulary projection."""
     m, ex = cfg.model, cfg.exits
     h, hn = m.hidden_size, m.head_dim
     attn = h * (m.num_attention_heads + 2 * m.num_query_groups) * hn + m.num_attention_heads * hn * h
     mlp = (3 if m.swiglu else 2) * h * m.ffn_hidden_size
     layer = attn + mlp
     head = m.num_tokens * h
-    exit_head = head + (mlp if ex.use_exit_mlp else 0) + (layer if ex.use_exit_block else 0)
-    return {"layer": layer, "exit_head": exit_head, "final_head": head}
+    transform = (mlp if ex.use_exit_mlp else 0) + (layer if ex.use_exit_block else 0)
+    test = transform + (h if kind == "classifier" else head)
+    return {"layer": layer, "exit_test": test, "exit_head": transform + head, "projection": head,
+            "final_head": head, "classifier": kind == "classifier"}
 
 
 def decide(stats: dict, tau: float, allowed: list):
@@ -183,7 +165,7 @@ def decide(stats: dict, tau: float, allowed: list):
     return choice
 
 
-def evaluate(stats: dict, cfg, tau: float, allowed: list) -> dict:
+def evaluate(stats: dict, cfg, tau: float, allowed: list, kind: str = "max_prob") -> dict:
     """One row of the table: agreement, loss, mean exit layer, cost-model speedup."""
     import torch
 
@@ -193,17 +175,19 @@ def evaluate(stats: dict, cfg, tau: float, allowed: list) -> dict:
     cols = torch.arange(choice.shape[0])
     tokens = torch.where(exited, stats["pred"][idx, cols], stats["final_pred"])
     loss = torch.where(exited, stats["ce"][idx, cols], stats["final_ce"])
-    L, c = cfg.model.num_layers, costs(cfg)
+    L, c = cfg.model.num_layers, costs(cfg, kind)
     lag = 1 if cfg.exits.pre_exit else 0  # a pre-exit at layer k reads layer k's input
     depths = torch.tensor([k - lag for k in stats["layers"]])
     layer_of = torch.where(exited, torch.tensor(stats["layers"])[idx], torch.tensor(L))
     depth = torch.where(exited, depths[idx], torch.tensor(L)).double()  # layers run
-    heads = torch.zeros_like(depth)  # exit heads evaluated: every allowed one on the way
+    tests = torch.zeros_like(depth)  # exits tested: every allowed one on the way
     if tau < 1.0:
         for i, k in enumerate(stats["layers"]):
             if k in allowed:
-                heads += (depths[i] <= depth).double()
-    cost = depth * c["layer"] + heads * c["exit_head"] + (~exited).double() * c["final_head"]
+                tests += (depths[i] <= depth).double()
+    leave = exited.double()  # the leaving exit's projection (tested already without a classifier)
+    extra = leave * c["projection"] if c["classifier"] else 0.0
+    cost = depth * c["layer"] + tests * c["exit_test"] + extra + (~exited).double() * c["final_head"]
     full = L * c["layer"] + c["final_head"]
     agree = (tokens == stats["final_pred"]).double().mean()
     return {"threshold": tau, "exits": sorted(allowed), "agreement": float(agree),
@@ -235,7 +219,8 @@ def choose(rows: list, target_agreement=None, max_loss_increase=None) -> dict:
 
 
 # ------------------------------------------------------------------------------ speed, output
-def measure_speed(model, cfg, prompts: list, new_tokens: int, rows: list) -> None:
+def measure_speed(model, cfg, prompts: list, new_tokens: int, rows: list,
+                  kind: str = "max_prob") -> None:
     """Add measured tokens/s (and the ratio to full depth) to every row, in place."""
     from megatron.early_exit.inference.engine import Engine
     from megatron.early_exit.inference.modes import EarlyExit, FullDepth
@@ -254,7 +239,8 @@ def measure_speed(model, cfg, prompts: list, new_tokens: int, rows: list) -> Non
 
     full = rate(FullDepth())
     for r in rows:
-        mode = FullDepth() if r["threshold"] >= 1.0 else EarlyExit(r["threshold"], tuple(r["exits"]))
+        mode = FullDepth() if r["threshold"] >= 1.0 else EarlyExit(r["threshold"], tuple(r["exits"]),
+                                                                           confidence=kind)
         r["tokens_per_s"] = rate(mode)
         r["measured_speedup"] = r["tokens_per_s"] / full
 
@@ -301,6 +287,7 @@ def main(argv=None) -> int:
 
     from megatron.early_exit.checkpoint import CheckpointError
     from megatron.early_exit.inference.loading import load_for_inference
+    from megatron.early_exit.inference.teacher_forced import read_documents
 
     try:
         model, cfg, tokenizer = load_for_inference(a.load, torch.device("cpu"), a.load_iteration)
@@ -310,13 +297,16 @@ def main(argv=None) -> int:
         raise UsageError("--load", "the checkpoint has no exits (tools/checkpoint/add_exits.py)")
     if tokenizer is None:
         raise UsageError("--load", "the checkpoint carries no tokenizer to read --data with")
+    if a.confidence == "classifier" and not cfg.exits.use_exit_classifier:
+        raise UsageError("--confidence", "classifier: the checkpoint's exits have no classifiers "
+                         "(tools/fit_exit_classifier.py fits them)")
     docs = read_documents(a.data, a.text_key, a.max_docs)
     stats = collect(model, cfg, tokenizer, docs, a.window, a.max_tokens, a.confidence)
-    rows = [evaluate(stats, cfg, t, s) for s in exit_sets(stats["layers"], a.exit_sets)
+    rows = [evaluate(stats, cfg, t, s, a.confidence) for s in exit_sets(stats["layers"], a.exit_sets)
             for t in sorted(set(a.thresholds), reverse=True)]
     if a.measure_speed:
         prompts = [tokenizer.tokenize(d)[:32] for d in docs[:a.speed_prompts]]
-        measure_speed(model, cfg, [p for p in prompts if p], a.measure_speed, rows)
+        measure_speed(model, cfg, [p for p in prompts if p], a.measure_speed, rows, a.confidence)
     chosen = choose(rows, a.target_agreement, a.max_loss_increase)
     print(f"{stats['final_pred'].shape[0]} held-out positions from {len(docs)} documents")
     print_table(rows, chosen)
@@ -334,7 +324,7 @@ def main(argv=None) -> int:
         goal = {"target_agreement": a.target_agreement, "max_loss_increase": a.max_loss_increase}
         set_serving_defaults(a.load, chosen["threshold"], chosen["exits"],
                              dict(goal, **{k: chosen[k] for k in ("agreement", "loss", "speedup")}),
-                             a.load_iteration)
+                             a.load_iteration, confidence=a.confidence)
         print(f"wrote the serving default tau={chosen['threshold']:g} into {a.load}")
     return 0
 

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--no-early-exit", action="store_true", help="Full-depth decoding.")
     mode.add_argument("--self-speculative", action="store_true", help="Lossless self-speculative decoding.")
     p.add_argument("--exit-layers", type=int, nargs="*", help="Exits allowed to fire (default: all).")
+    p.add_argument("--confidence", choices=["max_prob", "margin", "classifier"],
+                   help="What --early-exit-thres thresholds: max softmax probability (default), "
+                        "top-1 minus top-2, or the exits' fitted classifiers "
+                        "(tools/fit_exit_classifier.py).")
     p.add_argument("--draft-exit", type=int, help="Exit layer that drafts (--self-speculative).")
     p.add_argument("--draft-length", type=int, help="Max draft tokens per cycle (default 4).")
     p.add_argument("--draft-threshold", type=float,
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 FIELD_FLAGS = {"prompt": "--prompt", "max_new_tokens": "--tokens-to-generate",
                "mode.threshold": "--early-exit-thres", "mode.exit_layers": "--exit-layers",
                "mode.exit_layer": "--draft-exit", "mode": "--self-speculative",
-               "stop.stop_token_ids": "--load", "sampling": "--temperature"}
+               "stop.stop_token_ids": "--load", "sampling": "--temperature",
+               "mode.confidence": "--confidence"}
 
 
 def make_mode(args, cfg):
@@ -89,7 +94,8 @@ def make_mode(args, cfg):
     if args.early_exit_thres is None:
         return serving_default(args.load, args.load_iteration)
     return EarlyExit(threshold=args.early_exit_thres,
-                     exit_layers=tuple(args.exit_layers) if args.exit_layers else None)
+                     exit_layers=tuple(args.exit_layers) if args.exit_layers else None,
+                     confidence=args.confidence or "max_prob")
 
 
 def serving_default(load_dir, iteration):
@@ -102,10 +108,11 @@ def serving_default(load_dir, iteration):
     if not d:
         return FullDepth()
     layers = d.get("exit_layers")
+    kind = d.get("confidence") or "max_prob"
     print(f"early exit at the checkpoint's calibrated default tau={d['early_exit_thres']}"
-          + (f", exits {layers}" if layers else ""), file=sys.stderr)
+          + (f", exits {layers}" if layers else "") + f", confidence {kind}", file=sys.stderr)
     return EarlyExit(threshold=float(d["early_exit_thres"]),
-                     exit_layers=tuple(layers) if layers else None)
+                     exit_layers=tuple(layers) if layers else None, confidence=kind)
 
 
 def check_layout(args) -> None:
@@ -145,7 +152,8 @@ def main(argv=None) -> list:
     from megatron.early_exit.parallel.state import ensure_process_group
 
     args = build_parser().parse_args(argv)
-    check_requires(args, [("exit_layers", "early_exit_thres"), ("draft_exit", "self_speculative"),
+    check_requires(args, [("exit_layers", "early_exit_thres"), ("confidence", "early_exit_thres"),
+                          ("draft_exit", "self_speculative"),
                           ("draft_length", "self_speculative"), ("draft_threshold", "self_speculative")])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fast_decode in ("cuda_graph", "compile") and device.type != "cuda":

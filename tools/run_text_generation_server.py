@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "calibrated default if it has one "
                                                           "(tools/calibrate_threshold.py "
                                                           "--write-default), else full depth).")
+    p.add_argument("--confidence", choices=["max_prob", "margin", "classifier"],
+                   help="What every tau thresholds (with --early-exit-thres; default max_prob, "
+                        "or the calibrated default's kind): max softmax probability, top-1 minus "
+                        "top-2, or the exits' fitted classifiers.")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available).")
@@ -67,6 +71,9 @@ def check_args(args) -> None:
     t = args.early_exit_thres
     if t is not None and not 0.0 <= t <= 1.0:
         raise UsageError("--early-exit-thres", f"must be in [0, 1], got {t}")
+    if args.confidence is not None and t is None:
+        raise UsageError("--confidence", "has no effect without --early-exit-thres (a calibrated "
+                         "default brings its own kind)")
     if args.max_cached_tokens is not None and args.max_cached_tokens < 1:
         raise UsageError("--max-cached-tokens", f"must be >= 1, got {args.max_cached_tokens}")
     if not os.path.isdir(args.load):
@@ -88,16 +95,18 @@ def options_of(args, pipeline: bool):
     from megatron.early_exit.server.runtime import ServeOptions
 
     name = args.served_model_name or os.path.basename(os.path.abspath(args.load))
-    tau, layers = args.early_exit_thres, None
+    tau, layers, kind = args.early_exit_thres, None, args.confidence or "max_prob"
     if tau is None:
         from megatron.early_exit.checkpoint.serving import serving_defaults
 
         saved = serving_defaults(args.load) or {}
         tau, layers = saved.get("early_exit_thres"), saved.get("exit_layers")
+        kind = saved.get("confidence") or "max_prob"
         if tau is not None:
-            print(f"default tau={tau}" + (f", exits {layers}" if layers else "")
+            print(f"default tau={tau}" + (f", exits {layers}" if layers else "") + f", confidence {kind}"
                   + ": the checkpoint's calibrated serving default", flush=True)
     defaults = ServerDefaults(max_tokens=args.max_tokens, early_exit_thres=tau, model_name=name,
+                              confidence=kind,
                               exit_layers=tuple(layers) if layers else None)
     server = ServerConfig(defaults=defaults, api_key=args.api_key or os.environ.get("EE_API_KEY"),
                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
@@ -128,6 +137,9 @@ def main(argv=None) -> None:
     if tokenizer is None:
         raise UsageError("--load", f"{args.load} holds no tokenizer files")
     options = options_of(args, pipeline=args.pipeline_model_parallel_size > 1)
+    if options.server.defaults.confidence == "classifier" and not engine.cfg.exits.use_exit_classifier:
+        raise UsageError("--confidence", "classifier: the checkpoint's exits have no classifiers "
+                         "(tools/fit_exit_classifier.py fits them)")
 
     def run_http(app):
         print(f"serving {options.server.defaults.model_name} on http://{args.host}:{args.port}",

@@ -55,6 +55,9 @@ def _exit_args(p: argparse.ArgumentParser) -> None:
                    help="A whole transformer layer in every exit head.")
     g.add_argument("--untie-exit-output-weights", action="store_true",
                    help="Exit output projections not tied to the word embedding.")
+    g.add_argument("--use-exit-classifier", action="store_true",
+                   help="Every exit carries a confidence classifier (fitted afterwards by "
+                        "tools/fit_exit_classifier.py; frozen in training).")
     g.add_argument("--exit-layer-temperature", type=float, nargs="*", default=[],
                    help="Logit temperature per exit in the loss (one value or one per exit).")
     g.add_argument("--exit-layer-weight", type=float, nargs="*", default=[],
@@ -168,6 +171,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 # flags that do nothing without their partner (argparse dests)
 _EXIT_FLAGS = ("pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights",
+               "use_exit_classifier",
                "exit_layer_temperature", "exit_layer_weight", "exit_layer_weight_init",
                "use_dynamic_exit_layer_weight")
 REQUIRES = ([(flag, "exit_layer_nums") for flag in _EXIT_FLAGS]
@@ -194,7 +198,7 @@ _MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_
                  "position_embedding_type", "untie_embeddings_and_output_weights", "rotary_base",
                  "norm_epsilon")
 _EXIT_FIELDS = ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
-                "untie_exit_output_weights")
+                "untie_exit_output_weights", "use_exit_classifier")
 _RUN_FIELDS = ("tokenizer_type", "make_vocab_size_divisible_by")
 
 
@@ -283,6 +287,7 @@ def configs_from_args(a: argparse.Namespace, world_size: int, vocab_size: int,
         exit_layer_nums=a.exit_layer_nums, pre_exit=a.pre_exit, use_exit_norm=a.use_exit_norm,
         use_exit_mlp=a.use_exit_mlp, use_exit_block=a.use_exit_block,
         untie_exit_output_weights=a.untie_exit_output_weights,
+        use_exit_classifier=a.use_exit_classifier,
         exit_layer_temperature=a.exit_layer_temperature, exit_layer_weight=a.exit_layer_weight,
         exit_layer_weight_init=a.exit_layer_weight_init,
         exit_layer_weight_warmup_iters=a.exit_layer_weight_warmup_iters,

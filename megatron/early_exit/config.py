@@ -129,6 +129,9 @@ class ExitConfig:
     use_exit_mlp: bool = False  # --use-exit-mlp
     use_exit_block: bool = False  # --use-exit-block
     untie_exit_output_weights: bool = False  # --untie-exit-output-weights
+    # --use-exit-classifier: each exit carries a confidence classifier (a logistic regression on
+    # the head's hidden state, fitted by tools/fit_exit_classifier.py; never trained here)
+    use_exit_classifier: bool = False
     exit_layer_temperature: List[float] = field(default_factory=list)  # one or one per exit
     exit_layer_weight: List[float] = field(default_factory=list)  # target weight per exit
     exit_layer_weight_init: List[float] = field(default_factory=list)  # start weight per exit

@@ -156,14 +156,18 @@ def test_round_trip_with_exits_is_bit_identical(hf_dirs, tmp_path, single_rank_p
     import transformers
 
     from megatron.early_exit.checkpoint import load_full_state, read_checkpoint_metadata
-    from megatron.early_exit.checkpoint.exits import add_exits
+    from megatron.early_exit.checkpoint.exits import add_classifiers, add_exits
     from megatron.early_exit.checkpoint.export_hf import export_hf
     from megatron.early_exit.checkpoint.hf import import_hf
 
     model, path = hf_dirs["llama"]
     import_hf(path, str(tmp_path / "base"), tp=2)  # a sharded source for add-exits
-    add_exits(str(tmp_path / "base"), str(tmp_path / "ee"), [1, 3], use_exit_norm=True,
+    add_exits(str(tmp_path / "base"), str(tmp_path / "ee0"), [1, 3], use_exit_norm=True,
               use_exit_mlp=True, use_exit_block=True, random_init=True, seed=3)
+    gen = torch.Generator().manual_seed(5)  # confidence classifiers ride along too
+    h = read_checkpoint_metadata(str(tmp_path / "ee0"))["config"]["model"]["hidden_size"]
+    add_classifiers(str(tmp_path / "ee0"), str(tmp_path / "ee"),
+                    {k: (torch.randn(h, generator=gen), 0.25 * k) for k in (1, 3)})
     export_hf(str(tmp_path / "ee"), str(tmp_path / "hf"))
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["early_exit"]["exit_layer_nums"] == [1, 3]
@@ -174,6 +178,7 @@ def test_round_trip_with_exits_is_bit_identical(hf_dirs, tmp_path, single_rank_p
     cfg_a, a = load_full_state(str(tmp_path / "ee"))
     cfg_b, b = load_full_state(str(tmp_path / "again"))
     assert a.keys() == b.keys() and any(n.startswith("exits.3.block.") for n in a)
+    assert "exits.3.classifier.weight" in a and cfg_b["exits"]["use_exit_classifier"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert cfg_a["exits"] == cfg_b["exits"]

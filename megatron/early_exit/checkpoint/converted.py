@@ -96,6 +96,8 @@ def _exit_shapes(prefix: str, m, ex) -> Dict[str, tuple]:
             out[prefix + "norm.bias"] = (h,)
     if ex.untie_exit_output_weights:
         out[prefix + "output_layer.weight"] = (m.vocab_size, h)
+    if ex.use_exit_classifier:
+        out.update({prefix + "classifier.weight": (1, h), prefix + "classifier.bias": (1,)})
     return out
 
 

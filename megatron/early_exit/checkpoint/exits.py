@@ -26,7 +26,7 @@ import copy
 import os
 import shutil
 import tempfile
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -121,14 +121,20 @@ def add_exits(load_dir: str, save_dir: str, exit_layer_nums: List[int], use_exit
     return _save(save_dir, config, tensors, tok, par, meta, list(exit_layer_nums))
 
 
+def _copy_tokenizer(tok: List[str], tmp: str) -> Optional[str]:
+    """The tokenizer files ``tok`` copied into ``tmp/tokenizer`` (None when there are none)."""
+    if not tok:
+        return None
+    tok_dir = os.path.join(tmp, "tokenizer")
+    os.makedirs(tok_dir)
+    for path in tok:
+        shutil.copyfile(path, os.path.join(tok_dir, os.path.basename(path)))
+    return tok_dir
+
+
 def _save(save_dir, config, tensors, tok, layout, meta, added) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = None
-        if tok:
-            tok_dir = os.path.join(tmp, "tokenizer")
-            os.makedirs(tok_dir)
-            for path in tok:
-                shutil.copyfile(path, os.path.join(tok_dir, os.path.basename(path)))
+        tok_dir = _copy_tokenizer(tok, tmp)
         source = dict(meta["extra"].get("converted_from") or {}, added_exits=added)
         return save_converted(save_dir, config, tensors, tok_dir,
                               layout["tensor_model_parallel_size"],
@@ -144,3 +150,42 @@ def _args(args: dict, config: dict) -> dict:
         if key in out:
             out[key] = config["exits"][key]
     return out
+
+
+def add_classifiers(load_dir: str, save_dir: str, fits: Dict[int, Tuple[torch.Tensor, float]],
+                    iteration: Optional[int] = None, report: Optional[dict] = None) -> str:
+    """Write ``load_dir``'s checkpoint to ``save_dir`` with a confidence classifier on every exit
+    (``fits``: exit layer -> (w [h], b), e.g. from inference/classifier_fit.py); classifiers the
+    source already has are replaced. Sets ``exits.use_exit_classifier``."""
+    src_dir, meta, reader = open_checkpoint(load_dir, iteration)
+    config = copy.deepcopy(meta["config"])
+    exits = config.get("exits") or {}
+    layers = list(exits.get("exit_layer_nums") or [])
+    if sorted(fits) != sorted(layers):
+        raise fmt.CheckpointError(f"--load: the checkpoint's exits are {layers}, classifiers were "
+                                  f"fitted for {sorted(fits)}")
+    h = config["model"]["hidden_size"]
+    tensors = {name: reader.tensor(name) for name in reader.index if ".classifier." not in name}
+    dtype = tensors["decoder.final_layernorm.weight"].dtype
+    for k, (w, b) in fits.items():
+        if tuple(w.shape) != (h,):
+            raise fmt.CheckpointError(f"classifier of exit {k}: weight shape {tuple(w.shape)}, "
+                                      f"expected ({h},)")
+        tensors[f"exits.{k}.classifier.weight"] = w.reshape(1, h).to(dtype)
+        tensors[f"exits.{k}.classifier.bias"] = torch.tensor([float(b)]).to(dtype)
+    exits["use_exit_classifier"] = True
+    config["exits"] = exits
+    tok = [os.path.join(src_dir, rel) for rel in meta["tokenizer_files"]]
+    meta = copy.deepcopy(meta)
+    meta["extra"] = dict(meta.get("extra") or {})
+    meta["extra"]["converted_from"] = dict(meta["extra"].get("converted_from") or {},
+                                           exit_classifiers=report or {})
+    args = dict(meta.get("args") or {}, use_exit_classifier=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = _copy_tokenizer(tok, tmp)
+        layout = meta["layout"]
+        return save_converted(save_dir, config, tensors, tok_dir,
+                              layout["tensor_model_parallel_size"],
+                              layout["pipeline_model_parallel_size"],
+                              source=meta["extra"]["converted_from"], iteration=meta["iteration"],
+                              args=args, what="the checkpoint with exit classifiers")

@@ -14,6 +14,7 @@ k the 1-based layer the exit reads, with the same sub-names as a decoder layer::
     early_exits.<k>.mlp.{gate,up,down}_proj.weight    --use-exit-mlp
     early_exits.<k>.norm.weight                       --use-exit-norm
     early_exits.<k>.lm_head.weight                    --untie-exit-output-weights
+    early_exits.<k>.classifier.{weight,bias}          --use-exit-classifier ([1, h], [1])
 
 Two tensors are re-laid out, everything else is renamed only:
 
@@ -46,7 +47,8 @@ _LAYER = {"input_layernorm.weight": "input_layernorm.weight",
           "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
           "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
 _EXIT = {"norm.weight": "norm.weight", "output_layer.weight": "lm_head.weight",
-         "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+         "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+         "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
 _QKV = re.compile(r"^self_attention\.linear_qkv\.(weight|bias)$")
 _QKV_HF = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
 _FC1 = "mlp.linear_fc1.weight"

@@ -38,7 +38,7 @@ MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "ffn_hidden_size", "vocab_size", "normalization", "swiglu",
                 "position_embedding_type", "add_bias_linear", "untie_embeddings_and_output_weights")
 EXIT_FIELDS = ("exit_layer_nums", "pre_exit", "use_exit_norm", "use_exit_mlp", "use_exit_block",
-               "untie_exit_output_weights")
+               "untie_exit_output_weights", "use_exit_classifier")
 
 
 def open_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, dict, ShardReader]:
@@ -96,6 +96,8 @@ def check_config(saved: dict, cfg, strict: bool = True) -> None:
     for section, name in pairs:
         theirs = saved.get(section, {}).get(name)
         ours = getattr(getattr(cfg, section), name)
+        if name == "use_exit_classifier":
+            theirs = bool(theirs)  # checkpoints written before the field existed have none
         if not strict and name == "num_layers" and cfg.model.init_num_layers == theirs:
             continue  # the first layers of this model (--tune-exit-pipeline-parallel-size)
         if theirs != ours:

@@ -13,7 +13,8 @@ a pass that reaches the final head, equals a fresh prefill over the same ids
 Exit rule (:class:`ExitPoint`): the exit after layer ``k`` (post-exit: depth ``k``;
 ``--pre-exit``: depth ``k-1``) computes the confidence c of the newest token (max softmax
 probability of its logits over the tokenizer's vocabulary, or the top-1 minus top-2 margin;
-exit_points.py) and the
+exit_points.py; or the exit's classifier score, before the projection, which then runs for the
+leaving rows only) and the
 row leaves the pass when ``c >= threshold``; callers never pass a threshold >= 1, so tau = 1.0
 never exits. A row in ``capped`` (too many pending tokens) still takes its token from the first
 exit that fires (outputs do not depend on the cap) but stays in the pass to full depth, which
@@ -35,8 +36,8 @@ from typing import Dict, List, Optional, Sequence, Set
 import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron.early_exit.inference.exit_points import (ExitPoint, block_only, confidence,
-                                                       token_logits)
+from megatron.early_exit.inference.exit_points import (CONFIDENCE_KINDS, ExitPoint, block_only,
+                                                       confidence, token_logits)
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout, make_layout
 from megatron.early_exit.inference.runner import PassResult, RowState
 
@@ -53,7 +54,7 @@ class DepthRunner:
     supports_all_final = True
 
     def __init__(self, model, cfg, cache: KVCache, store_slots: int, confidence: str = "max_prob"):
-        assert confidence in ("max_prob", "margin"), confidence
+        assert confidence in CONFIDENCE_KINDS, confidence
         self.model, self.cfg, self.cache = model, cfg, cache
         self.num_layers = cfg.model.num_layers
         self.lo = model.placement.layers[0] - 1  # depth at which this stage starts
@@ -158,18 +159,12 @@ class DepthRunner:
                 head.block(x, attention_mask=None, rotary_pos_emb=rotary)
             return x, lay
         src = x if head.block is not None else x[-1:]
-        logits = self._gather(self.model.exit_logits(ep.layer, src, rotary))[-1]  # [b_a, V]
-        conf = self.confidence(logits)  # [b_a]
-        if ep.force:
-            fired = open_idx
-        else:
-            fire = (conf >= ep.threshold).tolist()  # the exit decision needs the host
-            fired = [i for i in open_idx if fire[i]]
+        fired, logits, conf = self._decide(ep, head, src, rotary, open_idx)
         if not fired:
             return x, lay
         # A capped row takes the exit's token but goes on to full depth (fills its pending KV).
         go = [i for i in fired if lay.rows_list[i] not in capped]
-        out.record(lay.rows_list, fired, logits[fired], conf[fired], ep.layer,
+        out.record(lay.rows_list, fired, logits, conf, ep.layer,
                    {lay.rows_list[i]: depth for i in go})
         if not go:
             return x, lay
@@ -182,6 +177,29 @@ class DepthRunner:
                            [lay.ends[i] for i in keep])
         keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device)
         return x[lay.s - new.s:].index_select(1, keep_t), new
+
+    def _decide(self, ep: ExitPoint, head, src, rotary, open_idx: List[int]):
+        """(slots that take their token here, their logits [n, V], their confidences [n]) of the
+        newest tokens of ``src`` [s, b_a, h] at exit ``ep``. Kind ``classifier`` scores the
+        head's hidden state first and projects only the rows that leave."""
+        if self.confidence_kind == "classifier" and not ep.force:
+            h = head.transform(src, rotary)[-1:]  # [1, b_a, h] (a block head sees every slot)
+            score = head.score(h[0])  # [b_a]
+            fire = (score >= ep.threshold).tolist()  # the exit decision needs the host
+            fired = [i for i in open_idx if fire[i]]
+            if not fired:
+                return [], None, None
+            idx = torch.tensor(fired, dtype=torch.int64, device=self.device)
+            logits = self._gather(self.model.exit_project(ep.layer, h.index_select(1, idx)))[0]
+            return fired, logits, score.index_select(0, idx)
+        logits = self._gather(self.model.exit_logits(ep.layer, src, rotary))[-1]  # [b_a, V]
+        conf = self.confidence(logits)  # [b_a]
+        if ep.force:
+            fired = open_idx
+        else:
+            fire = (conf >= ep.threshold).tolist()
+            fired = [i for i in open_idx if fire[i]]
+        return fired, logits[fired], conf[fired]
 
     def _join(self, d: int, x, lay: PassLayout, joins):
         """Add the pending tokens at depth d (their hidden states come from the store)."""

@@ -12,6 +12,9 @@
   vocabulary); no softmax, confidence or sample ever sees them.
 - ``confidence(logits, kind)``: max softmax probability (``max_prob``) or top-1 minus top-2
   probability (``margin``), at temperature 1, in float64 for float64 models, else float32.
+  Kind ``classifier`` scores an exit's hidden state with its fitted classifier instead (the
+  runners call ``ExitHead.score`` before projecting); logits of a classifier session (the final
+  head's, a forced draft's) get the max softmax probability.
 
     exits, draft = exit_points(cfg, EarlyExit(threshold=0.8))
     conf = confidence(token_logits(logits, cfg), "max_prob")       # [b]
@@ -29,7 +32,7 @@ from megatron.early_exit.inference.modes import EarlyExit, SelfSpeculative
 __all__ = ["ExitPoint", "exit_depth", "exit_points", "token_logits", "confidence",
            "CONFIDENCE_KINDS"]
 
-CONFIDENCE_KINDS = ("max_prob", "margin")
+CONFIDENCE_KINDS = ("max_prob", "margin", "classifier")
 
 
 def exit_depth(cfg, layer: int) -> int:
@@ -59,6 +62,9 @@ def exit_points(cfg, mode) -> Tuple[List[ExitPoint], int]:
         return [ExitPoint(depth, mode.exit_layer, None)], mode.num_draft
     if not isinstance(mode, EarlyExit) or mode.threshold >= 1.0:
         return [], 0  # tau = 1.0 never exits: exactly the full-depth computation
+    if mode.confidence == "classifier" and not cfg.exits.use_exit_classifier:
+        raise ValueError("confidence 'classifier' needs exit classifiers, which this checkpoint "
+                         "lacks (fit them with tools/fit_exit_classifier.py)")
     allowed = layers if mode.exit_layers is None else list(mode.exit_layers)
     bad = [x for x in allowed if x not in layers]
     if bad:
@@ -83,6 +89,6 @@ def confidence(logits: torch.Tensor, kind: str = "max_prob") -> torch.Tensor:  #
     if kind == "margin":
         top = probs.topk(2, dim=-1).values
         return top[:, 0] - top[:, 1]
-    if kind != "max_prob":
+    if kind not in ("max_prob", "classifier"):
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {kind!r}")
     return probs.amax(dim=-1)

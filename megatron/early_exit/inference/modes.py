@@ -7,7 +7,9 @@ A mode object travels with each ``Engine.generate`` call::
     SelfSpeculative(exit_layer=2, num_draft=4)          # lossless draft-and-verify
 
 Confidence is the max softmax probability of an exit's logits over the full vocabulary at
-temperature 1 (``confidence="margin"``: top-1 minus top-2 probability). A token exits at the
+temperature 1 (``confidence="margin"``: top-1 minus top-2 probability; ``"classifier"``: the
+exit's fitted confidence classifier, scored before the exit's vocabulary projection, which only
+tokens that leave there pay for; model/exit_head.py). A token exits at the
 first allowed exit with ``c >= threshold``, and only when ``threshold < 1``: ``threshold = 1.0``
 never exits (float32 softmax can round to exactly 1.0), so it reproduces ``FullDepth`` token for
 token. The first generated token always comes from the final head (the prompt runs at full
@@ -32,7 +34,7 @@ class EarlyExit:
     threshold: float = 0.8  # tau (EE-LLM's early_exit_thres)
     exit_layers: Optional[Tuple[int, ...]] = None  # allowed exits (None: all)
     max_pending: int = 16  # pending tokens per row before a forced full-depth pass
-    confidence: str = "max_prob"  # or "margin"
+    confidence: str = "max_prob"  # or "margin", "classifier"
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -41,8 +43,9 @@ class EarlyExit:
             object.__setattr__(self, "exit_layers", tuple(int(x) for x in self.exit_layers))
         if not isinstance(self.max_pending, int) or self.max_pending < 0:
             raise ValueError(f"max_pending must be an int >= 0, got {self.max_pending!r}")
-        if self.confidence not in ("max_prob", "margin"):
-            raise ValueError(f"confidence must be max_prob or margin, got {self.confidence!r}")
+        if self.confidence not in ("max_prob", "margin", "classifier"):
+            raise ValueError("confidence must be max_prob, margin or classifier, got "
+                             f"{self.confidence!r}")
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,9 @@ def _validate_mode(mode, cfg, pipeline: bool) -> None:
                                    f"of this model (its exits: {layers})")
         if mode.threshold < 1.0 and not layers:
             raise RequestError("mode", "this model has no exits: early exit needs exit layers")
+        if mode.confidence == "classifier" and not cfg.exits.use_exit_classifier:
+            raise RequestError("mode.confidence", "classifier: this model's exits have no "
+                               "classifiers (tools/fit_exit_classifier.py fits them)")
     if isinstance(mode, SelfSpeculative):
         if pipeline:
             raise RequestError("mode", "self-speculative decoding is not supported with "

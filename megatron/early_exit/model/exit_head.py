@@ -10,6 +10,13 @@ Structure, composable by flags (docs/design.md), applied in this order:
 
 ``W_out`` is the word embedding (tied, default) or the head's own ``output_layer.weight``
 (``--untie-exit-output-weights``). Temperature is applied by the loss, not here.
+
+With ``--use-exit-classifier`` the head also carries a *confidence classifier* (as CALM trains
+one): ``score(h) = sigmoid(h . w + b)`` on the same ``h`` the projection reads, an estimate of
+the probability that this exit's argmax equals the full model's. It costs ``hidden`` multiply-adds
+instead of the projection's ``hidden x vocab``, so inference can decide to exit (confidence kind
+``classifier``) before paying for the logits. Its parameters are frozen (``requires_grad``
+False): no training loss reaches them; tools/fit_exit_classifier.py fits them on a tuned model.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class ExitHead(MegatronModule):
             self.mlp = build_module(mlp_spec(), config=config)
         if exits.use_exit_norm:
             self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        self.classifier = None
+        if exits.use_exit_classifier:  # replicated over TP: every rank scores the same h
+            self.classifier = torch.nn.Linear(config.hidden_size, 1, dtype=config.params_dtype)
+            self.classifier.requires_grad_(False)
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             config.hidden_size, vocab_size, config=config, init_method=config.init_method,
             bias=False, skip_bias_add=False, gather_output=False,
@@ -62,6 +73,19 @@ class ExitHead(MegatronModule):
             h = self.norm(h)
         return h
 
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """Classifier confidence of ``h`` [..., h] -> [...] in (0, 1), in float32 or wider."""
+        if self.classifier is None:
+            raise ValueError(f"exit {self.layer_number} has no confidence classifier "
+                             "(tools/fit_exit_classifier.py fits one)")
+        z = self.classifier(h).squeeze(-1)
+        return torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
+
+    def project(self, h: torch.Tensor, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """``h`` [..., h] (after ``transform``) -> logits [..., V/tp]."""
+        logits, _ = self.output_layer(h, weight=tied_weight if self.tied else None)
+        return logits
+
     def projection_weight(self, tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """``W_out`` [V/tp, h]: the stage's word-embedding copy if tied, else the head's own."""
         return tied_weight if self.tied else self.output_layer.weight
@@ -69,6 +93,4 @@ class ExitHead(MegatronModule):
     def forward(self, hidden: torch.Tensor, rotary: Optional[torch.Tensor],
                 tied_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """[s, b, h] -> logits [s, b, V/tp] (the sequence is gathered under SP)."""
-        h = self.transform(hidden, rotary)
-        logits, _ = self.output_layer(h, weight=tied_weight if self.tied else None)
-        return logits
+        return self.project(self.transform(hidden, rotary), tied_weight)

@@ -61,6 +61,7 @@ class StageOutput:
     exit_losses: Dict[int, torch.Tensor] = field(default_factory=dict)  # exit layer -> detached loss
     final_loss: Optional[torch.Tensor] = None  # detached LM loss of the final head (last stage)
     exit_logits: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [s, b, V/tp]
+    exit_states: Dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [s, b, h]
     final_logits: Optional[torch.Tensor] = None  # [s, b, V/tp]
 
 
@@ -153,6 +154,10 @@ class EarlyExitGPTModel(MegatronModule):
     def exit_logits(self, layer: int, hidden: torch.Tensor, rotary) -> torch.Tensor:
         return self.exits[str(layer)](hidden, rotary, self.tied_weight())
 
+    def exit_project(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Exit ``layer``'s projection of its transformed state ``h`` [..., h] -> [..., V/tp]."""
+        return self.exits[str(layer)].project(h, self.tied_weight())
+
     def final_weight(self) -> torch.Tensor:
         """The final head's output weight [V/tp, h] (its own, or the tied word embedding)."""
         if self.cfg.model.untie_embeddings_and_output_weights:
@@ -188,6 +193,7 @@ class EarlyExitGPTModel(MegatronModule):
                 loss_mask: Optional[torch.Tensor] = None,
                 exit_weights: Optional[List[float]] = None,
                 return_logits: bool = False,
+                return_exit_states: bool = False,
                 skip_final_head: bool = False,
                 frozen_backbone: bool = False) -> StageOutput:
         """Run this stage.
@@ -199,6 +205,7 @@ class EarlyExitGPTModel(MegatronModule):
         current w_i(t), one per exit of the whole model (default: the config's targets).
         ``skip_final_head``: exits only (partial micro-batches, exit tuning).
         ``frozen_backbone``: embedding and layers run without grad; only exit heads get gradients.
+        ``return_exit_states``: keep each exit's projection input (``exit_states``, detached).
         """
         backbone_grad = torch.no_grad() if frozen_backbone else contextlib.nullcontext()
         if self.pre_process:
@@ -222,8 +229,11 @@ class EarlyExitGPTModel(MegatronModule):
 
         def exit_head(layer: int, hidden: torch.Tensor):
             k, head = self._exit_index[layer], self.exits[str(layer)]
+            h = head.transform(hidden, rotary)
+            if return_exit_states:
+                out.exit_states[layer] = h.detach()
             logits, loss = self.head_outputs(
-                head.output_layer, head.transform(hidden, rotary),
+                head.output_layer, h,
                 head.projection_weight(self.tied_weight()), labels, loss_mask,
                 ex.exit_layer_temperature[k], ex.use_dynamic_exit_layer_weight, return_logits)
             if return_logits:

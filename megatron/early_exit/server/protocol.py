@@ -61,6 +61,7 @@ class ServerDefaults:
     early_exit_thres: Optional[float] = None  # None: full depth unless the request asks
     model_name: str = "early-exit-gpt"
     exit_layers: Optional[tuple] = None  # exits the default tau uses (None: all)
+    confidence: str = "max_prob"  # what every early-exit tau thresholds (modes.EarlyExit)
 
 
 @dataclass
@@ -239,7 +240,7 @@ def _mode(body, defaults: ServerDefaults, use_early_exit=None):
         thres, layers = defaults.early_exit_thres, defaults.exit_layers  # the server's default
     if thres is None:
         return FullDepth()
-    return EarlyExit(threshold=thres, exit_layers=layers)
+    return EarlyExit(threshold=thres, exit_layers=layers, confidence=defaults.confidence)
 
 
 def _sampling(body, seed_field: str, top_p_zero_off: bool = False) -> SamplingParams:

@@ -18,7 +18,8 @@ def freeze_backbone(chunks) -> List[str]:
     trainable = []
     for c, model in enumerate(chunks):
         for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("exits."))
+            # exit heads train; their confidence classifiers are fitted afterwards, never here
+            param.requires_grad_(name.startswith("exits.") and ".classifier." not in name)
             if param.requires_grad:
                 trainable.append(f"chunk{c}.{name}")
     return trainable
