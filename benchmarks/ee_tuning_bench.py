@@ -11,8 +11,11 @@ background load hits every row alike):
   assistant_early_exit=k)``): its draft runs the first k layers and then the model's own final
   norm and head, i.e. our exit k *before* tuning, not the tuned exit;
 - ``ours fused``: ``Engine(fast_decode="fused")``, our fastest CPU full-depth decoding;
-- ``ours early exit tau=T``: ``Engine(fast_decode="static")`` with ``EarlyExit(T)`` (all exits);
-- ``ours self-spec exit=k``: ``SelfSpeculative(k, num_draft=--draft-length)``, lossless.
+- ``ours early exit tau=T``: ``EarlyExit(T)`` (all exits) on ``Engine(fast_decode=
+  --ee-fast-decode)``: ``fused`` (default; its layer segments run on the fused layer step, falling
+  back to ``static`` for a model the fused step does not cover) or ``static``;
+- ``ours self-spec exit=k``: ``SelfSpeculative(k, num_draft=--draft-length)``, lossless, on the
+  same engine.
 
 It prints tokens/s (best round), the ratio to ours fused and to hf generate, the mean exit layer
 of the generated tokens, and the share of generated tokens equal, position by position, to our
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.9, 0.7, 0.5])
     p.add_argument("--draft-length", type=int, default=4)
+    p.add_argument("--ee-fast-decode", choices=["fused", "static"], default="fused",
+                   help="Engine fast_decode of the early-exit and self-spec rows (fused falls "
+                        "back to static for a model the fused step does not cover).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is).")
     p.add_argument("--json", help="Write the rows here.")
     p.add_argument("--calibration", help="tools/calibrate_threshold.py --json output (for --plot).")
@@ -96,7 +102,15 @@ def our_rows(load: str, a, num_layers_out: list) -> dict:
 
     model, cfg, tok = load_for_inference(load, torch.device("cpu"))
     num_layers_out.append(cfg.model.num_layers)
-    fused, static = Engine(model, cfg, fast_decode="fused"), Engine(model, cfg, fast_decode="static")
+    def engine(kind):
+        try:
+            return Engine(model, cfg, fast_decode=kind)
+        except ValueError as e:  # the fused step does not cover this model (it names why)
+            print(f"fast_decode={kind!r} unavailable ({e}); using 'static'")
+            return Engine(model, cfg, fast_decode="static")
+
+    fused = engine("fused")
+    ee = fused if a.ee_fast_decode == "fused" else engine("static")
 
     def run(engine, mode):
         def go(prompt):
@@ -106,9 +120,11 @@ def our_rows(load: str, a, num_layers_out: list) -> dict:
 
     rows = {"ours fused": run(fused, FullDepth())}
     for t in a.thresholds:
-        rows[f"ours early exit tau={t:g}"] = run(static, EarlyExit(t))
+        rows[f"ours early exit tau={t:g}"] = run(ee, EarlyExit(t))
     for k in cfg.exits.exit_layer_nums:
-        rows[f"ours self-spec exit={k}"] = run(static, SelfSpeculative(k, num_draft=a.draft_length))
+        rows[f"ours self-spec exit={k}"] = run(ee, SelfSpeculative(k, num_draft=a.draft_length))
+    print(f"ours fused: fast_decode={fused.fast_decode!r}; early-exit and self-spec rows: "
+          f"fast_decode={ee.fast_decode!r}")
     return rows, cfg, tok
 
 

@@ -60,12 +60,14 @@ class Engine:
     def __init__(self, model, cfg, seed: Optional[int] = None, fast_decode: Optional[str] = None,
                  ctx=None):
         """``fast_decode``: None (every step through the general pass), ``"static"`` (static
-        shapes), ``"fused"`` (full-depth steps as fused torch ops on the same weights and
-        cache, fused_decode.py; TP = 1), ``"cuda_graph"`` (static steps replayed as CUDA graphs)
-        or ``"compile"`` (full-depth steps through torch.compile, then a CUDA graph). It applies
-        to sessions that own their whole cache (``generate``): full-depth steps at any batch
-        (static_decode.py) and, except ``"fused"``, batch-1 early exit / self-speculative passes
-        (static_early_exit.py)."""
+        shapes), ``"fused"`` (static shapes with the layers as fused torch ops on the same
+        weights and cache, fused_decode.py; TP = 1, eager), ``"cuda_graph"`` (static steps
+        replayed as CUDA graphs) or ``"compile"`` (full-depth steps through torch.compile, then
+        a CUDA graph). It applies to sessions that own their whole cache (``generate``):
+        full-depth steps at any batch (static_decode.py) and batch-1 early exit /
+        self-speculative passes whose exits have no exit block (static_early_exit.py; for
+        ``"fused"`` its segments run on the fused layer step); other sessions take the general
+        pass."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk per rank (no virtual PP)")
@@ -137,8 +139,6 @@ class Engine:
             from megatron.early_exit.inference.static_decode import StaticFullDepthRunner
 
             return StaticFullDepthRunner(general, self.static_step(session.cache))
-        if self.fast_decode == "fused":
-            return general
         return self.static_runner(session, general, in_flight=session.store_slots - 1)
 
     def static_step(self, cache: KVCache):
@@ -154,8 +154,9 @@ class Engine:
         return self._static
 
     def static_runner(self, session: "Session", runner: DepthRunner, in_flight: int):
-        """A StaticRunner in place of ``runner`` for a batch-1 session with exits; graphs are
-        kept for later sessions of the same cache, exits and slot count."""
+        """A StaticRunner in place of ``runner`` for a batch-1 session with exits (its layers
+        fused for ``"fused"``, CUDA graphs for ``"cuda_graph"`` / ``"compile"``); it is kept
+        for later sessions of the same cache, exits and slot count."""
         from megatron.early_exit.inference import static_early_exit as see
 
         if not see.supports(self.model, session.exits, session.cache.batch):
@@ -166,7 +167,8 @@ class Engine:
         if key not in self._static_ee:
             self._static_ee[key] = see.StaticRunner(
                 runner, self.cfg, session.cache, session.exits, in_flight,
-                cuda_graph=self.fast_decode in ("cuda_graph", "compile"))
+                cuda_graph=self.fast_decode in ("cuda_graph", "compile"),
+                fused=self.fast_decode == "fused")
         static = self._static_ee[key]
         static.runner = runner  # this session's store of pending hidden states
         return static

@@ -23,11 +23,20 @@ Anything else (TP>1, sequence parallelism, pipeline stages, a different core att
 megatron-core has and our model never sets) is refused by ``check_supported`` with an error
 naming it, so a caller can fall back to the megatron-core layers.
 
+The same layer step also serves ``R`` in-flight tokens of ONE cache row (``RowSlots``: each slot
+with its own position, cache write index, ``cache.max_len`` = the scratch slot for padding, and
+causal mask row), which is how batch-1 early exit and self-speculative decoding run their layer
+segments (``StaticRunner(..., fused=True)``, static_early_exit.py): the row's ``R`` slots times
+``per`` query heads of a KV group are that group's queries, ``q [R, ng, per, hn] ->
+[1, ng, R * per, hn]`` against the row's keys, the mask repeated per query head.
+
     fused = FusedDecoder(model, cfg, cache)
     logits = fused.logits(tokens, pos, mask)   # tokens [B], pos [B], mask [B, 1, 1, max_len] -> [B, V]
+    x = fused.run_slots(lo, hi, x, RowSlots(row, pos, write_idx, mask, start, end))  # [R, h]
 
-Used by ``StaticDecodeStep(..., fused=True)``. Tests: tests/unit/test_fused_decode.py;
-benchmark against transformers' ``generate``: benchmarks/cpu_decode_peer.py.
+Used by ``StaticDecodeStep(..., fused=True)`` and ``StaticRunner(..., fused=True)``. Tests:
+tests/unit/test_fused_decode.py, tests/unit/test_fused_early_exit.py; benchmarks against
+transformers' ``generate``: benchmarks/cpu_decode_peer.py, benchmarks/ee_tuning_bench.py.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.early_exit.inference.kv_cache import KVCache
 from megatron.early_exit.model.layers import Norm, SDPAttention, rotary_freqs
 
-__all__ = ["FusedDecoder", "check_supported"]
+__all__ = ["FusedDecoder", "RowSlots", "check_supported"]
 
 
 def check_supported(model, cfg) -> None:
@@ -118,6 +127,19 @@ class _Layer:
     k_read: torch.Tensor  # [B, ng, max_len, hn] view of the cache keys (read side)
     v_read: torch.Tensor
     scale: Optional[float]
+
+
+@dataclass
+class RowSlots:
+    """``R`` in-flight slots of one cache row through some layers (a KVCache.PassLayout of one
+    row, as StaticRunner builds it)."""
+
+    row: int  # the cache row
+    pos: torch.Tensor  # [R] int64 position of each slot (RoPE angles; padding: any position)
+    write_idx: torch.Tensor  # [R] int64 cache slot written: the position, or cache.max_len (scratch)
+    mask: torch.Tensor  # [R, max_len] bool, True = attend (every row attends to something)
+    start: torch.Tensor  # [1] first in-flight position (cache.check: every layer holds exactly that)
+    end: torch.Tensor  # [1] one past the newest position: the layers' new fill length
 
 
 class FusedDecoder:
@@ -200,15 +222,38 @@ class FusedDecoder:
         self.cache.lengths.index_copy_(0, self.module_idx, end)
         return F.linear(self.final_norm(x), self.out_w)  # [B, V]
 
-    def _layer_step(self, w: _Layer, x, rope, slot, mask) -> torch.Tensor:
+    def run_slots(self, lo: int, hi: int, x: torch.Tensor, slots: RowSlots) -> torch.Tensor:
+        """Layers ``[lo, hi)`` on the in-flight slots ``x [R, h]`` of one cache row -> [R, h].
+        Writes each slot's K/V at ``slots.write_idx`` (padding: the scratch slot) in those
+        layers and sets their fill length of the row to ``slots.end``, as the KV hook does."""
+        rope = None
+        if self.rope_table is not None:
+            cs = self.rope_table.index_select(0, slots.pos)  # [R, 2, hn]
+            rope = cs[:, 0, None, None, :], cs[:, 1, None, None, :]  # [R, 1, 1, hn] each
+        slot = slots.write_idx * self.cache.batch + slots.row  # [R] flat index of (slot, row)
+        mask = slots.mask.repeat_interleave(self.per, dim=0)  # [R * per, S]: query i * per + j
+        mods = self.module_idx[lo:hi]  # [n]
+        self._check_row(mods, slots)
+        for layer in self.layers[lo:hi]:
+            x = self._layer_step(layer, x, rope, slot, mask, slots.row)
+        rows = torch.full_like(mods, slots.row)
+        self.cache.lengths.index_put_((mods, rows), slots.end.expand(mods.shape[0]))
+        return x
+
+    def _layer_step(self, w: _Layer, x, rope, slot, mask, row: Optional[int] = None) -> torch.Tensor:
+        """One layer for x [N, h]: one token per cache row (``row`` None, N = B), or N
+        in-flight slots of cache row ``row`` (``mask [N * per, S]``)."""
         B, ng, per, hn = x.shape[0], self.ng, self.per, self.hn
         qkv = F.linear(w.norm1(x), w.qkv_w, w.qkv_b).view(B, ng, per + 2, hn)
         qk = qkv[:, :, : per + 1]  # [B, ng, per + 1, hn]: the group's q heads, then its k
         if rope is not None:
             qk = self._rope(qk, *rope)
         self._write_kv(w, slot, qk[:, :, per], qkv[:, :, per + 1])
-        a = F.scaled_dot_product_attention(qk[:, :, :per], w.k_read, w.v_read, attn_mask=mask,
-                                           scale=w.scale)  # [B, ng, per, hn]
+        if row is None:
+            a = F.scaled_dot_product_attention(qk[:, :, :per], w.k_read, w.v_read, attn_mask=mask,
+                                               scale=w.scale)  # [B, ng, per, hn]
+        else:
+            a = self._attend_row(w, qk[:, :, :per], row, mask)  # [N, ng, per, hn]
         x = torch.addmm(x if w.proj_b is None else x + w.proj_b, a.reshape(B, ng * per * hn),
                         w.proj_wt)  # [B, h]
         y = F.linear(w.norm2(x), w.fc1_w, w.fc1_b)  # [B, 2f] or [B, f]
@@ -220,6 +265,16 @@ class FusedDecoder:
         return torch.addmm(x if w.fc2_b is None else x + w.fc2_b, y, w.fc2_wt)  # [B, h]
 
     @staticmethod
+    def _attend_row(w: _Layer, q: torch.Tensor, row: int, mask: torch.Tensor) -> torch.Tensor:
+        """q [N, ng, per, hn] of N slots of one row against that row's keys: a group's N * per
+        query heads are the queries of its KV head (mask [N * per, S]) -> [N, ng, per, hn]."""
+        N, ng, per, hn = q.shape
+        qr = q.transpose(0, 1).reshape(1, ng, N * per, hn)  # query (slot i, head j) = i * per + j
+        a = F.scaled_dot_product_attention(qr, w.k_read[row:row + 1], w.v_read[row:row + 1],
+                                           attn_mask=mask, scale=w.scale)  # [1, ng, N * per, hn]
+        return a.view(ng, N, per, hn).transpose(0, 1)
+
+    @staticmethod
     def _rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]: the halves swapped
         (flip of a [2, hn/2] view) times the signed sin. qk [B, ng, n, hn] -> new tensor."""
@@ -229,7 +284,7 @@ class FusedDecoder:
 
     @staticmethod
     def _write_kv(w: _Layer, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [B, ng, hn] into cache slot (pos, row) of every row."""
+        """k, v [N, ng, hn] into the flat cache slots ``slot [N]`` (index pos * B + row)."""
         w.k_flat.index_copy_(0, slot, k)
         w.v_flat.index_copy_(0, slot, v)
 
@@ -242,3 +297,13 @@ class FusedDecoder:
         have = self.cache.lengths.index_select(0, self.module_idx)  # [L, B]
         assert torch.equal(have, pos.expand_as(have)), (
             f"fused decode: cache rows hold {have.tolist()} positions, the step writes {pos.tolist()}")
+
+    def _check_row(self, mods: torch.Tensor, slots: RowSlots) -> None:
+        """With ``cache.check`` on, the KV hook's assertion for one row: layers ``mods`` hold
+        exactly the positions before the first in-flight one."""
+        if not self.cache.check:
+            return
+        have = self.cache.lengths[:, slots.row].index_select(0, mods)  # [n]
+        assert torch.equal(have, slots.start.expand_as(have)), (
+            f"fused decode: row {slots.row} holds {have.tolist()} positions in layers "
+            f"{mods.tolist()}, the pass starts at {slots.start.tolist()}")

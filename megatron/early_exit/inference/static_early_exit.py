@@ -1,4 +1,5 @@
-"""Batch-1 early exit and self-speculative decoding on static shapes: a CUDA graph per segment.
+"""Batch-1 early exit and self-speculative decoding on static shapes: a CUDA graph per segment,
+or (on CPU) the fused layer step of fused_decode.py.
 
 The general pass (early_exit.DepthRunner) re-plans its shapes at every exit and every join of
 pending tokens, so on a GPU it runs eagerly, launch-bound. With one row the plan is simple enough
@@ -28,6 +29,15 @@ verify passes use it unchanged.
 Each segment is the same computation at every step, so with ``cuda_graph=True`` it is captured once
 (after eager warm-up runs that rewrite the same cache slots with the same values) and replayed.
 The embedding of the new token and the joins are a few eager kernels between replays.
+
+With ``fused=True`` (eager, TP = 1, PP = 1; fast_decode="fused") a segment's layers are not
+megatron-core's ``TransformerLayer`` calls but ``FusedDecoder.run_slots``: a few direct torch ops
+per layer on the same weights and cache buffers. It runs only the *valid* slots, which are always
+a suffix of the ``R`` slots (pending depths do not increase along positions, so the tokens in
+flight at a segment are the newest ones): a pass with no pending token computes one token per
+layer, as the fused full-depth step does, instead of ``R``. The exit heads and the final head
+are evaluated the same way on either path (``_heads``); the final head covers the computed slots
+(``final_all``'s padding slots are then stale; no caller reads them).
 Exits with their own attention block (``--use-exit-block``) are not supported here (the engine
 keeps the general pass for them), nor batches > 1. ``KVCache.check`` works in eager mode only
 (its assertion reads the device).
@@ -36,6 +46,7 @@ keeps the general pass for them), nor batches > 1. ``KVCache.check`` works in ea
     result = runner.run([0], states, token_ids, exits, capped=[])   # as DepthRunner.run
 
 Tests: tests/unit/test_static_decode.py (CPU, eager, against the general pass),
+tests/unit/test_fused_early_exit.py (fused, against no-cache references),
 tests/gpu/test_gpu_decode.py (graphs).
 """
 
@@ -48,6 +59,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron.early_exit.inference.early_exit import DepthRunner
 from megatron.early_exit.inference.exit_points import ExitPoint, token_logits
+from megatron.early_exit.inference.fused_decode import FusedDecoder, RowSlots
 from megatron.early_exit.inference.runner import PassResult, RowState
 from megatron.early_exit.inference.kv_cache import KVCache, PassLayout
 from megatron.early_exit.inference.static_decode import capture_graph
@@ -72,12 +84,19 @@ class StaticRunner:
     """DepthRunner's decode passes for one row over fixed ``[R, 1, h]`` segment buffers."""
 
     def __init__(self, runner: DepthRunner, cfg, cache: KVCache, exits: Sequence[ExitPoint],
-                 in_flight: int, cuda_graph: bool = False):
+                 in_flight: int, cuda_graph: bool = False, fused: bool = False):
+        """``fused``: run the segments' layers with fused_decode.FusedDecoder (eager only; raises
+        NotImplementedError naming what it does not cover, e.g. TP > 1)."""
+        if cuda_graph and fused:
+            raise ValueError("StaticRunner: fused=True runs eagerly; it cannot be a CUDA graph")
         if cuda_graph and cache.device.type != "cuda":
             raise ValueError("a CUDA-graph early-exit step needs a CUDA device")
         self.runner, self.model, self.cfg, self.cache = runner, runner.model, cfg, cache
         self.L = cfg.model.num_layers
         self.cuda_graph = cuda_graph
+        self.fused = None
+        if fused:
+            self.fused = FusedDecoder(runner.model, cfg, cache)
         depths = sorted({e.depth for e in exits} | {self.L})
         self.segments, lo, n_heads = [], 0, 0
         for d in depths:
@@ -113,12 +132,33 @@ class StaticRunner:
         torch.where(self.valid.view(-1, 1), self.pos.view(-1, 1),
                     torch.full_like(self.write_idx, self.cache.max_len), out=self.write_idx)
         torch.le(self.key_pos.view(1, 1, 1, -1), self.pos.view(1, 1, -1, 1), out=self.mask)
+        if self.fused is not None:
+            self._heads(seg, self._fused_layers(seg), None)  # no exit blocks: heads need no RoPE
+            return
         rotary = model.rotary(self.pos.view(-1, 1))  # [R, 1, 1, hn] or None
         x = self.x
         for d in range(seg.lo, seg.hi):
             x = model.run_layer(d, x, rotary)
         self.x.copy_(x)
-        first = seg.first_head
+        self._heads(seg, x, rotary)
+
+    def _fused_layers(self, seg: _Segment) -> torch.Tensor:
+        """The segment's layers through the fused step on the valid slots (a suffix) only ->
+        their hidden states [n, 1, h] (a view of ``self.x``, updated in place)."""
+        first = self.valid_slots[0]
+        if self.valid_slots != list(range(first, self.R)):
+            raise AssertionError(f"in-flight slots {self.valid_slots} are not a suffix of {self.R}")
+        slots = RowSlots(row=0, pos=self.pos[first:], write_idx=self.write_idx[first:, 0],
+                         mask=self.mask[0, 0, first:], start=self.start, end=self.end)
+        x = self.x[first:]  # [n, 1, h]
+        x.copy_(self.fused.run_slots(seg.lo, seg.hi, x[:, 0], slots).unsqueeze(1))
+        return x
+
+    def _heads(self, seg: _Segment, x: torch.Tensor, rotary) -> None:
+        """The exit heads at the end of ``seg`` on the newest slot of ``x [n, 1, h]`` (the last
+        n slots) -> ``self.logits`` / ``self.conf``; the last segment also the final head of
+        every slot of ``x`` -> ``self.final_all[-n:]`` and the newest slot's confidence."""
+        model, first = self.model, seg.first_head
         for i, layer in enumerate(seg.exits):
             logits = token_logits(gather_from_tensor_model_parallel_region(
                 model.exit_logits(layer, x[-1:], rotary)), self.cfg)[-1]  # [1, V]
@@ -128,10 +168,10 @@ class StaticRunner:
             self.conf[first + i].copy_(self.runner.confidence(logits)[0])
         if seg.hi == self.L:
             final = token_logits(gather_from_tensor_model_parallel_region(
-                model.final_logits(x)), self.cfg)  # [R, 1, V]
+                model.final_logits(x)), self.cfg)  # [n, 1, V]
             if self.final_all is None:
-                self.final_all = torch.empty_like(final)
-            self.final_all.copy_(final)
+                self.final_all = final.new_zeros(self.R, *final.shape[1:])  # [R, 1, V]
+            self.final_all[self.R - final.shape[0]:].copy_(final)
             self.conf[-1].copy_(self.runner.confidence(final[-1])[0])
 
     def _replay(self, j: int) -> None:
