@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # EE-Tuning SmolLM2-135M-Instruct on CPU: import its GGUF -> add 3 exits -> tune only the exits
-# on Shakespeare (whole plays held out) -> per-exit held-out loss, threshold sweep, speed table.
+# on Shakespeare (whole plays held out) -> per-exit held-out loss, threshold sweep, exit
+# confidence classifiers and their sweep, speed table.
 #
 #   bash examples/ee_tuning/smollm2.sh            # on a fresh clone after `make install`
 #   ITERS=400 MICRO_BATCH=4 bash examples/ee_tuning/smollm2.sh   # longer tuning
@@ -11,8 +12,8 @@
 # (environment): EXITS ("8 15 22"), HEAD ("--use-exit-norm"; e.g. "--use-exit-norm
 # --use-exit-mlp"), ITERS (150), LR (3e-2), SEQ (128), MICRO_BATCH (2), THRESHOLDS for the
 # measured speed rows ("0.9 0.5 0.3"), BENCH_TOKENS (16), BENCH_PROMPTS (1), BENCH_ROUNDS (3),
-# OMP_NUM_THREADS (2). The numbers this printed on a
-# 2-core machine are in docs/ee_tuning.md.
+# CLF_TOKENS (training positions for the exit classifiers, 12000), OMP_NUM_THREADS (2). The
+# numbers this printed on a 2-core machine are in docs/ee_tuning.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -28,6 +29,7 @@ THRESHOLDS=${THRESHOLDS:-"0.9 0.5 0.3"}
 BENCH_TOKENS=${BENCH_TOKENS:-16}
 BENCH_PROMPTS=${BENCH_PROMPTS:-1}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+CLF_TOKENS=${CLF_TOKENS:-12000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 HELD_OUT="hamlet macbeth tempest"
 TRAIN="alls_well_that_ends_well antony_and_cleopatra as_you_like_it coriolanus cymbeline
@@ -83,6 +85,19 @@ step "6. threshold sweep on held-out text (teacher-forced; cost-model speedup)"
 "$PY" tools/calibrate_threshold.py --load "$OUT/tuned" --data "$OUT/heldout.jsonl" \
     --target-agreement 0.9 --exit-sets each --window 128 --max-tokens 2048 \
     --plot "$OUT/calibration.png" --json "$OUT/calibration.json"
+
+step "6b. fit a confidence classifier per exit on the training plays (CALM-style)"
+if ! done_ckpt "$OUT/tuned_clf"; then
+  rm -rf "$OUT/tuned_clf"
+  "$PY" tools/fit_exit_classifier.py --load "$OUT/tuned" --data "$OUT/train.jsonl" \
+      --save-dir "$OUT/tuned_clf" --window 128 --max-tokens "$CLF_TOKENS" \
+      --json "$OUT/classifier_fit.json"
+fi
+
+step "6c. threshold sweep with the classifiers (a passed exit costs no projection)"
+"$PY" tools/calibrate_threshold.py --load "$OUT/tuned_clf" --data "$OUT/heldout.jsonl" \
+    --confidence classifier --target-agreement 0.9 --exit-sets each --window 128 \
+    --max-tokens 2048 --plot "$OUT/calibration_clf.png" --json "$OUT/calibration_clf.json"
 
 step "7. measured decoding speed, batch 1: transformers and ours on the tuned weights"
 rm -rf "$OUT/hf"  # the backbone for transformers' rows: ours -> HF (exits ride along, ignored)
