@@ -206,3 +206,14 @@ def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_paralle
         with pytest.raises(SystemExit) as e:
             t.run_cli(t.main, argv)
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flag}"), argv
+
+
+def test_classifiers_stay_frozen_in_training(single_rank_parallel):
+    """No loss reaches a classifier, and exit tuning does not make it trainable."""
+    from megatron.early_exit.trainer.tune import freeze_backbone
+
+    cfg, model = with_classifiers("llama-norm-mlp-pre")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".classifier." in n)
+    trainable = freeze_backbone([model])
+    assert trainable and not any(".classifier." in n for n in trainable)
+    assert any(".norm." in n for n in trainable)

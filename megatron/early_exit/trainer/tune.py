@@ -2,7 +2,8 @@
 
     trainable = freeze_backbone(chunks)   # names of the parameters left trainable
 
-A parameter is trainable when it belongs to an exit head (``exits.<layer>.*``). Exit output
+A parameter is trainable when it belongs to an exit head (``exits.<layer>.*``), except the
+exits' confidence classifiers (fitted afterwards by tools/fit_exit_classifier.py). Exit output
 projections tied to the word embedding stay frozen with it; use ``--untie-exit-output-weights``
 (or exit norm / MLP / block) to give exits something to learn.
 """
