@@ -65,9 +65,9 @@ class Engine:
         replayed as CUDA graphs) or ``"compile"`` (full-depth steps through torch.compile, then
         a CUDA graph). It applies to sessions that own their whole cache (``generate``):
         full-depth steps at any batch (static_decode.py) and batch-1 early exit /
-        self-speculative passes whose exits have no exit block (static_early_exit.py; for
-        ``"fused"`` its segments run on the fused layer step); other sessions take the general
-        pass."""
+        self-speculative passes whose exits have no exit block, with max-prob or margin
+        confidence (static_early_exit.py; for ``"fused"`` its segments run on the fused layer
+        step); other sessions take the general pass."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk per rank (no virtual PP)")
@@ -159,7 +159,8 @@ class Engine:
         for later sessions of the same cache, exits and slot count."""
         from megatron.early_exit.inference import static_early_exit as see
 
-        if not see.supports(self.model, session.exits, session.cache.batch):
+        if not see.supports(self.model, session.exits, session.cache.batch,
+                            runner.confidence_kind):
             return runner
         key = (tuple((e.depth, e.layer) for e in session.exits), in_flight, runner.confidence_kind)
         if any(v.cache is not session.cache for v in self._static_ee.values()):

@@ -67,9 +67,14 @@ from megatron.early_exit.inference.static_decode import capture_graph
 __all__ = ["StaticRunner", "supports"]
 
 
-def supports(model, exits: Sequence[ExitPoint], batch: int) -> bool:
-    """Whether the static runner can serve a session with these exit points at this batch."""
-    return batch == 1 and all(model.exits[str(e.layer)].block is None for e in exits)
+HEAD_CONFIDENCES = ("max_prob", "margin")  # what _heads computes (from the exit logits)
+
+
+def supports(model, exits: Sequence[ExitPoint], batch: int, confidence: str = "max_prob") -> bool:
+    """Whether the static runner can serve a session with these exit points at this batch and
+    confidence kind (``classifier`` scores are not computed by ``_heads``: the general pass)."""
+    return (batch == 1 and confidence in HEAD_CONFIDENCES
+            and all(model.exits[str(e.layer)].block is None for e in exits))
 
 
 class _Segment:
