@@ -49,6 +49,8 @@ def with_classifiers(variant: str, seed: int = 0):
         for head in model.exits.values():
             head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=gen))
             head.classifier.bias.fill_(0.5)
+            if head.norm is not None:  # heads that disagree: a token from the wrong one shows
+                head.norm.weight.mul_(torch.randn(head.norm.weight.shape, generator=gen).abs() * 2)
     return cfg, model.eval()
 
 
@@ -94,6 +96,28 @@ def test_classifier_exit_matches_no_cache_reference(variant, single_rank_paralle
             exited += sum(x < L for x in lays)
             stayed += sum(x == L for x in lays)
     assert exited > 0 and stayed > 0  # the rule both fired and declined
+
+
+@pytest.mark.parametrize("fast", ["fused", "static"])
+def test_classifier_exit_on_the_static_runners(fast, single_rank_parallel):
+    """Batch 1 on the static (megatron layers) and fused CPU runners: same rule, same reference."""
+    from megatron.early_exit.inference.static_early_exit import StaticRunner
+
+    cfg, model = with_classifiers("llama-norm-mlp-pre", seed=2)
+    L, layers = cfg.model.num_layers, list(cfg.exits.exit_layer_nums)
+    engine = Engine(model, cfg, fast_decode=fast)
+    prompts = random_prompts(torch.Generator().manual_seed(9), 3, cfg.model.vocab_size)
+    exited = 0
+    for tau, cap in ((0.6, 16), (0.3, 2)):
+        mode = EarlyExit(threshold=tau, max_pending=cap, confidence="classifier")
+        assert isinstance(engine.session(prompts[:1], 4, mode=mode).runner, StaticRunner)
+        for p in prompts:
+            (out,) = engine.generate([p], 12, mode=mode)
+            toks, lays, scores = reference(model, p, 12, tau, layers, L)
+            assert (out.tokens, out.exit_layers) == (toks, lays), (fast, tau, cap)
+            assert all(abs(g - w) < 1e-9 for g, w in zip(out.confidences, scores) if w is not None)
+            exited += sum(x < L for x in lays)
+    assert exited > 5
 
 
 def test_projection_runs_only_for_rows_that_leave(single_rank_parallel):

@@ -67,12 +67,12 @@ from megatron.early_exit.inference.static_decode import capture_graph
 __all__ = ["StaticRunner", "supports"]
 
 
-HEAD_CONFIDENCES = ("max_prob", "margin")  # what _heads computes (from the exit logits)
+HEAD_CONFIDENCES = ("max_prob", "margin", "classifier")  # what _heads computes
 
 
 def supports(model, exits: Sequence[ExitPoint], batch: int, confidence: str = "max_prob") -> bool:
     """Whether the static runner can serve a session with these exit points at this batch and
-    confidence kind (``classifier`` scores are not computed by ``_heads``: the general pass)."""
+    confidence kind."""
     return (batch == 1 and confidence in HEAD_CONFIDENCES
             and all(model.exits[str(e.layer)].block is None for e in exits))
 
@@ -128,6 +128,10 @@ class StaticRunner:
         self.final_all = None  # [R, 1, V] final-head logits of every slot
         conf_dtype = torch.promote_types(runner.store.dtype, torch.float32)  # as runner.confidence
         self.conf = torch.zeros(n_heads + 1, dtype=conf_dtype, device=dev)  # last: final head
+        # confidence "classifier": the heads' projection inputs; only a firing exit projects
+        self.classify = runner.confidence_kind == "classifier"
+        self.states = torch.zeros(n_heads, cfg.model.hidden_size, dtype=runner.store.dtype, device=dev)
+        self.all_final = True  # the pass wants every slot's final logits (the fused path reads it)
 
     # ------------------------------------------------------------------ the segments
     def _run_segment(self, j: int) -> None:
@@ -165,6 +169,12 @@ class StaticRunner:
         every slot of ``x`` -> ``self.final_all[-n:]`` and the newest slot's confidence."""
         model, first = self.model, seg.first_head
         for i, layer in enumerate(seg.exits):
+            if self.classify:  # score the state; the projection waits for the decision
+                head = model.exits[str(layer)]
+                h = head.transform(x[-1:], rotary)[0]  # [1, h]
+                self.states[first + i].copy_(h[0])
+                self.conf[first + i].copy_(head.score(h)[0])
+                continue
             logits = token_logits(gather_from_tensor_model_parallel_region(
                 model.exit_logits(layer, x[-1:], rotary)), self.cfg)[-1]  # [1, V]
             if self.logits is None:
@@ -172,6 +182,8 @@ class StaticRunner:
             self.logits[first + i].copy_(logits[0])
             self.conf[first + i].copy_(self.runner.confidence(logits)[0])
         if seg.hi == self.L:
+            if self.fused is not None and not self.all_final:
+                x = x[-1:]  # eager: only the newest slot's logits are read
             final = token_logits(gather_from_tensor_model_parallel_region(
                 model.final_logits(x)), self.cfg)  # [n, 1, V]
             if self.final_all is None:
@@ -237,6 +249,7 @@ class StaticRunner:
         also the final logits of every slot (the verify pass of self-speculative decoding)."""
         (r,) = rows
         state, capped = states[r], r in capped
+        self.all_final = all_final
         n, dev = state.newest, self.x.device
         torch.arange(n - self.R + 1, n + 1, device=dev, out=self.true_pos).clamp_(min=0)
         self.valid.zero_()
@@ -282,7 +295,13 @@ class StaticRunner:
 
     def _result(self, decided, all_final: bool) -> PassResult:
         i, layer = decided
-        logits = self.final_all[-1] if i == -1 else self.logits[i:i + 1]  # [1, V]
+        if i == -1:
+            logits = self.final_all[-1]  # [1, V]
+        elif self.classify:  # the firing exit's projection, outside any graph
+            logits = token_logits(gather_from_tensor_model_parallel_region(
+                self.model.exit_project(layer, self.states[i].view(1, 1, -1))), self.cfg)[0]
+        else:
+            logits = self.logits[i:i + 1]
         conf = self.conf[i:] if i == -1 else self.conf[i:i + 1]
         if not all_final:
             return PassResult(logits.clone(), conf.clone(), [layer])
