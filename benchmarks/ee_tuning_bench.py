@@ -14,8 +14,11 @@ background load hits every row alike):
 - ``ours early exit tau=T``: ``EarlyExit(T)`` (all exits) on ``Engine(fast_decode=
   --ee-fast-decode)``: ``fused`` (default; its layer segments run on the fused layer step, falling
   back to ``static`` for a model the fused step does not cover) or ``static``;
+- ``ours early exit clf tau=T`` (``--classifier-thresholds``): the same with
+  ``confidence="classifier"``: each exit is tested by its fitted classifier and only the firing
+  exit pays its vocabulary projection (tools/fit_exit_classifier.py);
 - ``ours self-spec exit=k``: ``SelfSpeculative(k, num_draft=--draft-length)``, lossless, on the
-  same engine.
+  same engine (``--no-self-spec`` drops these and the assistant rows).
 
 It prints tokens/s (best round), the ratio to ours fused and to hf generate, the mean exit layer
 of the generated tokens, and the share of generated tokens equal, position by position, to our
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.9, 0.7, 0.5])
+    p.add_argument("--classifier-thresholds", type=float, nargs="*", default=[],
+                   help="Also early-exit rows with confidence='classifier' at these tau (the "
+                        "checkpoint needs exit classifiers: tools/fit_exit_classifier.py).")
+    p.add_argument("--no-self-spec", action="store_true", help="Skip the self-speculative rows.")
     p.add_argument("--draft-length", type=int, default=4)
     p.add_argument("--ee-fast-decode", choices=["fused", "static"], default="fused",
                    help="Engine fast_decode of the early-exit and self-spec rows (fused falls "
@@ -58,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is).")
     p.add_argument("--json", help="Write the rows here.")
     p.add_argument("--calibration", help="tools/calibrate_threshold.py --json output (for --plot).")
+    p.add_argument("--classifier-calibration",
+                   help="Its --confidence classifier output (--plot then draws the clf rows too).")
     p.add_argument("--plot", help="PNG: measured speedup against teacher-forced agreement.")
     return p
 
@@ -70,12 +79,17 @@ def check_args(a) -> None:
             raise UsageError("--" + flag.replace("_", "-"), f"must be >= 1, got {getattr(a, flag)}")
     if any(not 0.0 <= t < 1.0 for t in a.thresholds):
         raise UsageError("--thresholds", f"each must be in [0, 1), got {a.thresholds}")
+    if any(not 0.0 <= t < 1.0 for t in a.classifier_thresholds):
+        raise UsageError("--classifier-thresholds", f"each must be in [0, 1), got "
+                         f"{a.classifier_thresholds}")
     if not os.path.isfile(a.data):
         raise UsageError("--data", f"{a.data} does not exist")
     if a.plot and not a.calibration:
         raise UsageError("--plot", "needs --calibration (the agreement comes from there)")
     if a.calibration and not os.path.isfile(a.calibration):
         raise UsageError("--calibration", f"{a.calibration} does not exist")
+    if a.classifier_calibration and not os.path.isfile(a.classifier_calibration):
+        raise UsageError("--classifier-calibration", f"{a.classifier_calibration} does not exist")
 
 
 def read_prompts(path: str, tokenizer, n: int, length: int) -> list:
@@ -100,6 +114,7 @@ def our_rows(load: str, a, num_layers_out: list) -> dict:
     from megatron.early_exit.inference.loading import load_for_inference
     from megatron.early_exit.inference.modes import EarlyExit, FullDepth, SelfSpeculative
 
+    from megatron.early_exit.cli import UsageError
     model, cfg, tok = load_for_inference(load, torch.device("cpu"))
     num_layers_out.append(cfg.model.num_layers)
     def engine(kind):
@@ -121,7 +136,12 @@ def our_rows(load: str, a, num_layers_out: list) -> dict:
     rows = {"ours fused": run(fused, FullDepth())}
     for t in a.thresholds:
         rows[f"ours early exit tau={t:g}"] = run(ee, EarlyExit(t))
-    for k in cfg.exits.exit_layer_nums:
+    if a.classifier_thresholds and not cfg.exits.use_exit_classifier:
+        raise UsageError("--classifier-thresholds", f"{load} has no exit classifiers "
+                         "(tools/fit_exit_classifier.py)")
+    for t in a.classifier_thresholds:
+        rows[f"ours early exit clf tau={t:g}"] = run(ee, EarlyExit(t, confidence="classifier"))
+    for k in [] if a.no_self_spec else cfg.exits.exit_layer_nums:
         rows[f"ours self-spec exit={k}"] = run(ee, SelfSpeculative(k, num_draft=a.draft_length))
     print(f"ours fused: fast_decode={fused.fast_decode!r}; early-exit and self-spec rows: "
           f"fast_decode={ee.fast_decode!r}")
@@ -145,7 +165,7 @@ def hf_rows(hf_dir: str, a, exits: list, num_layers: int) -> dict:
         return go
 
     rows = {"hf generate": run()}
-    for k in exits:
+    for k in [] if a.no_self_spec else exits:
         rows[f"hf assistant_early_exit={k}"] = run(assistant_early_exit=k,
                                                    num_assistant_tokens=a.draft_length)
     return rows
@@ -191,29 +211,40 @@ def report(res: dict) -> list:
     return rows
 
 
-def plot(rows: list, calibration: str, path: str) -> None:
+def _points(rows: list, calibration: str, classifier: bool) -> list:
+    """(measured speedup, teacher-forced agreement of all exits at that tau, tau) per row."""
+    with open(calibration) as f:
+        calib = json.load(f)["rows"]
+    points = []
+    for row in rows:
+        if "tau=" in row["engine"] and (" clf " in row["engine"]) == classifier:
+            tau = float(row["engine"].split("tau=")[1])
+            match = [c for c in calib if abs(c["threshold"] - tau) < 1e-9 and len(c["exits"]) > 1]
+            if match:
+                points.append((row["vs_ours_fused"], match[0]["agreement"], tau))
+    return points
+
+
+def plot(rows: list, calibration: str, path: str, classifier_calibration: str = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(calibration) as f:
-        calib = json.load(f)["rows"]
-    points = []
-    for row in rows:
-        if "tau=" in row["engine"]:
-            tau = float(row["engine"].split("tau=")[1])
-            match = [c for c in calib if abs(c["threshold"] - tau) < 1e-9 and len(c["exits"]) > 1]
-            if match:
-                points.append((row["vs_ours_fused"], match[0]["agreement"], tau))
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-    for x, y, tau in points:
-        ax.annotate(f"tau={tau:g}", (x, y), fontsize=7)
+    series = [("max-prob", calibration, False)]
+    if classifier_calibration:
+        series.append(("classifier", classifier_calibration, True))
+    for label, calib, clf in series:
+        points = _points(rows, calib, clf)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+        for x, y, tau in points:
+            ax.annotate(f"{tau:g}", (x, y), fontsize=7)
     ax.axvline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("measured speedup over our fused full depth")
     ax.set_ylabel("greedy agreement (teacher-forced)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -241,7 +272,7 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump({"rows": table, "new_tokens": a.new_tokens, "prompts": len(prompts)}, f, indent=1)
     if a.plot:
-        plot(table, a.calibration, a.plot)
+        plot(table, a.calibration, a.plot, a.classifier_calibration)
     return 0
 
 
