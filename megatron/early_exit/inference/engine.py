@@ -65,9 +65,9 @@ class Engine:
         replayed as CUDA graphs) or ``"compile"`` (full-depth steps through torch.compile, then
         a CUDA graph). It applies to sessions that own their whole cache (``generate``):
         full-depth steps at any batch (static_decode.py) and batch-1 early exit /
-        self-speculative passes whose exits have no exit block, with max-prob or margin
-        confidence (static_early_exit.py; for ``"fused"`` its segments run on the fused layer
-        step); other sessions take the general pass."""
+        self-speculative passes whose exits have no exit block, with any confidence kind
+        (static_early_exit.py; for ``"fused"`` its segments run on the fused layer step); other
+        sessions take the general pass."""
         if isinstance(model, (list, tuple)):
             if len(model) != 1:
                 raise NotImplementedError("the engine runs one model chunk per rank (no virtual PP)")
