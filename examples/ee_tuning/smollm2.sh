@@ -11,7 +11,8 @@
 # folder, or set FRESH=1, to redo everything); the reports are always recomputed. Settings
 # (environment): EXITS ("8 15 22"), HEAD ("--use-exit-norm"; e.g. "--use-exit-norm
 # --use-exit-mlp"), ITERS (150), LR (3e-2), SEQ (128), MICRO_BATCH (2), THRESHOLDS for the
-# measured speed rows ("0.9 0.5 0.3"), BENCH_TOKENS (16), BENCH_PROMPTS (1), BENCH_ROUNDS (3),
+# measured speed rows ("0.9 0.5"; with the classifiers CLF_THRESHOLDS, "0.9 0.75 0.5 0.3"),
+# BENCH_TOKENS (32), BENCH_PROMPTS (3), BENCH_ROUNDS (3),
 # CLF_TOKENS (training positions for the exit classifiers, 12000), OMP_NUM_THREADS (2). The
 # numbers this printed on a 2-core machine are in docs/ee_tuning.md.
 set -euo pipefail
@@ -25,9 +26,10 @@ ITERS=${ITERS:-150}
 LR=${LR:-3e-2}
 SEQ=${SEQ:-128}
 MICRO_BATCH=${MICRO_BATCH:-2}
-THRESHOLDS=${THRESHOLDS:-"0.9 0.5 0.3"}
-BENCH_TOKENS=${BENCH_TOKENS:-16}
-BENCH_PROMPTS=${BENCH_PROMPTS:-1}
+THRESHOLDS=${THRESHOLDS:-"0.9 0.5"}
+CLF_THRESHOLDS=${CLF_THRESHOLDS:-"0.9 0.75 0.5 0.3"}
+BENCH_TOKENS=${BENCH_TOKENS:-32}
+BENCH_PROMPTS=${BENCH_PROMPTS:-3}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 CLF_TOKENS=${CLF_TOKENS:-12000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
@@ -104,9 +106,9 @@ rm -rf "$OUT/hf"  # the backbone for transformers' rows: ours -> HF (exits ride 
 "$PY" tools/checkpoint/convert.py --source-format ee --target-format hf --load-dir "$OUT/tuned" \
     --save-dir "$OUT/hf"
 # shellcheck disable=SC2086
-"$PY" benchmarks/ee_tuning_bench.py --load "$OUT/tuned" --hf-dir "$OUT/hf" \
+"$PY" benchmarks/ee_tuning_bench.py --load "$OUT/tuned_clf" --hf-dir "$OUT/hf" \
     --data "$OUT/heldout.jsonl" --prompts "$BENCH_PROMPTS" --new-tokens "$BENCH_TOKENS" \
-    --rounds "$BENCH_ROUNDS" \
-    --thresholds $THRESHOLDS --json "$OUT/bench.json" --calibration "$OUT/calibration.json" \
-    --plot "$OUT/speedup.png"
-echo; echo "done ($(date -u +%H:%M:%S)): $OUT/{exit_report,calibration,bench}.json, $OUT/speedup.png"
+    --rounds "$BENCH_ROUNDS" --thresholds $THRESHOLDS --classifier-thresholds $CLF_THRESHOLDS \
+    --json "$OUT/bench.json" --calibration "$OUT/calibration.json" \
+    --classifier-calibration "$OUT/calibration_clf.json" --plot "$OUT/speedup.png"
+echo; echo "done ($(date -u +%H:%M:%S)): $OUT/{exit_report,calibration,calibration_clf,classifier_fit,bench}.json, $OUT/speedup.png"
