@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.early_exit.cli import UsageError, blame, run_cli  # noqa: E402
+from megatron.early_exit.cli import UsageError, run_cli  # noqa: E402
 
 THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3)
 
@@ -283,20 +283,9 @@ def plot(rows: list, chosen: dict, path: str) -> None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     check_args(a)
-    import torch
+    from megatron.early_exit.inference.teacher_forced import load_exit_model, read_documents
 
-    from megatron.early_exit.checkpoint import CheckpointError
-    from megatron.early_exit.inference.loading import load_for_inference
-    from megatron.early_exit.inference.teacher_forced import read_documents
-
-    try:
-        model, cfg, tokenizer = load_for_inference(a.load, torch.device("cpu"), a.load_iteration)
-    except CheckpointError as e:
-        raise blame("--load", e) from e
-    if not cfg.exits.exit_layer_nums:
-        raise UsageError("--load", "the checkpoint has no exits (tools/checkpoint/add_exits.py)")
-    if tokenizer is None:
-        raise UsageError("--load", "the checkpoint carries no tokenizer to read --data with")
+    model, cfg, tokenizer = load_exit_model(a.load, a.load_iteration)
     if a.confidence == "classifier" and not cfg.exits.use_exit_classifier:
         raise UsageError("--confidence", "classifier: the checkpoint's exits have no classifiers "
                          "(tools/fit_exit_classifier.py fits them)")

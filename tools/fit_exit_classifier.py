@@ -73,23 +73,13 @@ def print_report(report: dict) -> None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     check_args(a)
-    import torch
-
     from megatron.early_exit.checkpoint import CheckpointError
     from megatron.early_exit.checkpoint.exits import add_classifiers
     from megatron.early_exit.inference.classifier_fit import (collect_features, evaluate,
                                                               fit_logistic, split)
-    from megatron.early_exit.inference.loading import load_for_inference
-    from megatron.early_exit.inference.teacher_forced import read_documents
+    from megatron.early_exit.inference.teacher_forced import load_exit_model, read_documents
 
-    try:
-        model, cfg, tokenizer = load_for_inference(a.load, torch.device("cpu"), a.load_iteration)
-    except CheckpointError as e:
-        raise blame("--load", e) from e
-    if not cfg.exits.exit_layer_nums:
-        raise UsageError("--load", "the checkpoint has no exits (tools/checkpoint/add_exits.py)")
-    if tokenizer is None:
-        raise UsageError("--load", "the checkpoint carries no tokenizer to read --data with")
+    model, cfg, tokenizer = load_exit_model(a.load, a.load_iteration)
     docs = read_documents(a.data, a.text_key, a.max_docs)
     feats = collect_features(model, cfg, tokenizer, docs, a.window, a.max_tokens)
     fits, report = {}, {}

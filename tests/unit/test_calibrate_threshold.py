@@ -52,9 +52,14 @@ def calibrated_ckpt(tmp_path):
     return str(tmp_path / "ee"), str(tmp_path / "heldout.jsonl")
 
 
-def prefix_agreement(ckpt, data, tau, exits):
+def max_prob(model, out, k):
+    """The max softmax probability of exit k's logits at the last position."""
+    return float(torch.softmax(out.exit_logits[k][-1, 0].double(), dim=-1).max())
+
+
+def prefix_agreement(ckpt, data, tau, exits, confidence=max_prob):
     """Share of positions where the exit rule's token equals the final head's, one prefix at
-    a time (no batching over positions, no shared pass)."""
+    a time (no batching over positions, no shared pass); ``confidence(model, out, k)``."""
     from megatron.early_exit.inference.loading import load_for_inference
 
     model, cfg, tok = load_for_inference(ckpt, torch.device("cpu"))
@@ -65,13 +70,13 @@ def prefix_agreement(ckpt, data, tau, exits):
         ids = tok.tokenize(text)
         for t in range(1, len(ids)):
             with torch.no_grad():
-                out = model(input_ids=torch.tensor([ids[:t]]), return_logits=True)
+                out = model(input_ids=torch.tensor([ids[:t]]), return_logits=True,
+                            return_exit_states=True)
             final = int(out.final_logits[-1, 0].argmax())
             token = final
             for k in sorted(exits):
-                probs = torch.softmax(out.exit_logits[k][-1, 0].double(), dim=-1)
-                if tau < 1.0 and probs.max() >= tau:
-                    token = int(probs.argmax())
+                if tau < 1.0 and confidence(model, out, k) >= tau:
+                    token = int(out.exit_logits[k][-1, 0].argmax())
                     break
             same += token == final
             total += 1

@@ -25,6 +25,7 @@ from megatron.early_exit.inference.engine import Engine
 from megatron.early_exit.inference.modes import EarlyExit
 from tests.unit.engine_testlib import build, make_cfg, random_prompts, trained
 from tests.unit.test_calibrate_threshold import calibrated_ckpt  # noqa: F401 (a fixture)
+from tests.unit.test_calibrate_threshold import prefix_agreement
 
 TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
 
@@ -170,31 +171,11 @@ def test_fit_logistic_reaches_the_optimum_and_auc():
     assert abs(auc(s, lab) - want) < 1e-12 and auc(s, torch.ones(6, dtype=torch.bool)) is None
 
 
-def prefix_agreement(ckpt, data, tau, exits):
-    """Greedy agreement of the classifier rule with the final head, one prefix at a time."""
-    from megatron.early_exit.inference.loading import load_for_inference
-
-    model, cfg, tok = load_for_inference(ckpt, torch.device("cpu"))
-    same = total = 0
-    with open(data) as f:
-        docs = [json.loads(line)["text"] for line in f]
-    for text in docs:
-        ids = tok.tokenize(text)
-        for t in range(1, len(ids)):
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([ids[:t]]), return_logits=True,
-                            return_exit_states=True)
-            final = int(out.final_logits[-1, 0].argmax())
-            token = final
-            for k in sorted(exits):
-                c = model.exits[str(k)].classifier
-                z = out.exit_states[k][-1, 0].double() @ c.weight[0].double() + c.bias.double()
-                if tau < 1.0 and float(torch.sigmoid(z)) >= tau:
-                    token = int(out.exit_logits[k][-1, 0].argmax())
-                    break
-            same += token == final
-            total += 1
-    return same / total
+def classifier_score(model, out, k):
+    """sigmoid(h . w + b) of exit k at the last position, from the parameters by hand."""
+    c = model.exits[str(k)].classifier
+    z = out.exit_states[k][-1, 0].double() @ c.weight[0].double() + c.bias.double()
+    return float(torch.sigmoid(z))
 
 
 def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_parallel, capsys):  # noqa: F811
@@ -217,7 +198,7 @@ def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_paralle
                                       "--write-default"]) == 0
     with open(tmp_path / "c.json") as f:
         chosen = json.load(f)["chosen"]
-    measured = prefix_agreement(out, data, chosen["threshold"], chosen["exits"])
+    measured = prefix_agreement(out, data, chosen["threshold"], chosen["exits"], classifier_score)
     assert measured >= 0.8 and abs(measured - chosen["agreement"]) < 1e-9, (measured, chosen)
     assert serving_defaults(out)["confidence"] == "classifier"
     for t, argv, flag in (

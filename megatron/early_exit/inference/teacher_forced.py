@@ -21,7 +21,24 @@ from typing import Iterator, List, Tuple
 
 import torch
 
-__all__ = ["read_documents", "forward_windows"]
+__all__ = ["load_exit_model", "read_documents", "forward_windows"]
+
+
+def load_exit_model(load_dir: str, iteration=None):
+    """(model, cfg, tokenizer) of a checkpoint with exits and a tokenizer, on CPU, one process;
+    ValueError naming ``--load`` otherwise."""
+    from megatron.early_exit.checkpoint import CheckpointError
+    from megatron.early_exit.inference.loading import load_for_inference
+
+    try:
+        model, cfg, tokenizer = load_for_inference(load_dir, torch.device("cpu"), iteration)
+    except CheckpointError as e:
+        raise ValueError(f"--load: {e}") from e
+    if not cfg.exits.exit_layer_nums:
+        raise ValueError("--load: the checkpoint has no exits (tools/checkpoint/add_exits.py)")
+    if tokenizer is None:
+        raise ValueError("--load: the checkpoint carries no tokenizer to read --data with")
+    return model, cfg, tokenizer
 
 
 def read_documents(path: str, key: str, limit: int) -> List[str]:
