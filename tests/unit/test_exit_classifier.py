@@ -181,6 +181,8 @@ def classifier_score(model, out, k):
 def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_parallel, capsys):  # noqa: F811
     from megatron.early_exit.checkpoint import load_full_state
     from megatron.early_exit.checkpoint.serving import serving_defaults
+    from megatron.early_exit.cli import run_cli
+    from megatron.early_exit.parallel.state import destroy_parallel
 
     ckpt, data = calibrated_ckpt
     fit, calib = tool("fit_exit_classifier"), tool("calibrate_threshold")
@@ -201,16 +203,32 @@ def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_paralle
     measured = prefix_agreement(out, data, chosen["threshold"], chosen["exits"], classifier_score)
     assert measured >= 0.8 and abs(measured - chosen["agreement"]) < 1e-9, (measured, chosen)
     assert serving_defaults(out)["confidence"] == "classifier"
+    gen = tool("generate")  # no mode flag: the calibrated default, kind included
+    base = ["--load", out, "--prompt", "w1 w2 w3", "--tokens-to-generate", "8", "--json",
+            "--device", "cpu"]
+    calibrated = gen.main(base)
+    destroy_parallel()
+    explicit = gen.main(base + ["--early-exit-thres", str(chosen["threshold"]),
+                                "--exit-layers", *map(str, chosen["exits"]),
+                                "--confidence", "classifier"])
+    destroy_parallel()
+    assert "confidence classifier" in capsys.readouterr().err and calibrated == explicit
     for t, argv, flag in (
             (calib, ["--load", ckpt, "--data", data, "--confidence", "classifier",
                      "--target-agreement", "0.9"], "--confidence"),
             (fit, ["--load", ckpt, "--data", data, "--save-dir", out], "--save-dir"),
+            (gen, ["--load", ckpt, "--prompt", "w1", "--tokens-to-generate", "4",
+                   "--early-exit-thres", "0.5", "--confidence",
+                   "classifier", "--device", "cpu"], "--confidence"),
+            (gen, ["--load", out, "--prompt", "w1", "--confidence", "classifier"], "--confidence"),
             (fit, ["--load", ckpt, "--data", data, "--save-dir", str(tmp_path / "x"),
                    "--valid-fraction", "1"], "--valid-fraction")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            t.run_cli(t.main, argv)
-        assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flag}"), argv
+            run_cli(t.main, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {flag}"), (argv, err)
+        destroy_parallel()
 
 
 def test_classifiers_stay_frozen_in_training(single_rank_parallel):
