@@ -69,3 +69,6 @@ def test_bench_classifier_rows(tmp_path, single_rank_parallel):
     assert rows["ours early exit clf tau=0"]["mean_exit_layer"] < 2.0
     with pytest.raises(Exception, match="classifier"):
         main(["--load", str(tmp_path / "ee")] + args)
+    bad = [a if a != "0.0" else "1.5" for a in args]
+    with pytest.raises(Exception, match="--classifier-thresholds"):
+        main(["--load", str(tmp_path / "clf")] + bad)

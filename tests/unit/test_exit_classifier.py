@@ -222,6 +222,8 @@ def test_fit_then_calibrate_tools(calibrated_ckpt, tmp_path, single_rank_paralle
                    "classifier", "--device", "cpu"], "--confidence"),
             (gen, ["--load", out, "--prompt", "w1", "--confidence", "classifier"], "--confidence"),
             (fit, ["--load", ckpt, "--data", data, "--save-dir", str(tmp_path / "x"),
+                   "--l2", "-1"], "--l2"),
+            (fit, ["--load", ckpt, "--data", data, "--save-dir", str(tmp_path / "x"),
                    "--valid-fraction", "1"], "--valid-fraction")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

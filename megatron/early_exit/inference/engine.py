@@ -159,8 +159,7 @@ class Engine:
         for later sessions of the same cache, exits and slot count."""
         from megatron.early_exit.inference import static_early_exit as see
 
-        if not see.supports(self.model, session.exits, session.cache.batch,
-                            runner.confidence_kind):
+        if not see.supports(self.model, session.exits, session.cache.batch):
             return runner
         key = (tuple((e.depth, e.layer) for e in session.exits), in_flight, runner.confidence_kind)
         if any(v.cache is not session.cache for v in self._static_ee.values()):

@@ -67,14 +67,10 @@ from megatron.early_exit.inference.static_decode import capture_graph
 __all__ = ["StaticRunner", "supports"]
 
 
-HEAD_CONFIDENCES = ("max_prob", "margin", "classifier")  # what _heads computes
-
-
-def supports(model, exits: Sequence[ExitPoint], batch: int, confidence: str = "max_prob") -> bool:
-    """Whether the static runner can serve a session with these exit points at this batch and
-    confidence kind."""
-    return (batch == 1 and confidence in HEAD_CONFIDENCES
-            and all(model.exits[str(e.layer)].block is None for e in exits))
+def supports(model, exits: Sequence[ExitPoint], batch: int) -> bool:
+    """Whether the static runner can serve a session with these exit points at this batch (any
+    confidence kind)."""
+    return batch == 1 and all(model.exits[str(e.layer)].block is None for e in exits)
 
 
 class _Segment:
